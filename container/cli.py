@@ -1,0 +1,61 @@
+"""Command line: `lmc serve` / `python -m container serve` (SageMaker runs `IMAGE serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import subprocess
+import sys
+
+from container.config import ConfigError, load_server_config, resolve_models
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmc", description="LMC large-model serving container")
+    sub = p.add_subparsers(dest="command")
+    s = sub.add_parser("serve", help="serve models over HTTP (the default command)")
+    s.add_argument("--model-dir", help="model directory (default: HF_MODEL_ID, /opt/ml/model "
+                                       "if it holds anything, the model store, else SmolLM2)")
+    s.add_argument("--model-store", help="directory whose subfolders are models, one each")
+    s.add_argument("--host", default=None, help="bind address (default 0.0.0.0)")
+    s.add_argument("--port", type=int, default=None,
+                   help="port (default $SAGEMAKER_BIND_TO_PORT or 8080)")
+    m = sub.add_parser("prepare-model", help="convert the default model into the cache dir")
+    m.add_argument("--cache-dir", default=None)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-"):
+        argv = ["serve", *argv]
+    args = _parser().parse_args(argv)
+    if args.command == "prepare-model":
+        cmd = [sys.executable, "-m", "engines.default_model"]
+        if args.cache_dir:
+            cmd += ["--cache-dir", args.cache_dir]
+        return subprocess.call(cmd)
+
+    try:
+        server_config = load_server_config(host=args.host, port=args.port)
+        logging.basicConfig(level=server_config.log_level,
+                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        specs = resolve_models(model_dir=args.model_dir, model_store=args.model_store)
+    except ConfigError as e:
+        print(f"lmc: configuration error: {e}", file=sys.stderr)
+        return 2
+    from container.server import serve
+
+    try:
+        import uvloop  # optional: a faster event loop when installed
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return runner(serve(specs, server_config))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

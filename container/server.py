@@ -1,0 +1,370 @@
+"""The aiohttp front end: inference routes, /ping, and the management API.
+
+This process never imports torch; models live in worker processes (container/wlm.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+from aiohttp import web
+
+from container import errors as E
+from container.config import (ConfigError, ModelSpec, ServerConfig, load_model_config)
+from container.wlm import Model, ModelStatus, StreamEnd, new_request_item, stream_chunks
+
+log = logging.getLogger("lmc.server")
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+# Headers a client may use to name the request; echoed back as x-request-id.
+_REQUEST_ID_HEADERS = ("X-Amzn-SageMaker-Inference-Id", "X-Request-Id")
+# Headers a client may use to pick the model on /invocations.
+_MODEL_HEADERS = ("X-Amzn-SageMaker-Target-Model", "X-Model-Name")
+
+_JSON = "application/json"
+
+
+class ModelManager:
+    """The models this server serves, by name."""
+
+    def __init__(self) -> None:
+        self.models: dict[str, Model] = {}
+        # True until the startup models (incl. preparing the default model) are registered,
+        # so /ping says 503 rather than 200-with-nothing.
+        self.starting = True
+
+    def get(self, name: str) -> Model:
+        m = self.models.get(name)
+        if m is None:
+            known = ", ".join(sorted(self.models)) or "none"
+            raise E.ModelNotFound(f"model {name!r} is not registered; registered models: {known}")
+        return m
+
+    def default(self) -> Model:
+        if len(self.models) == 1:
+            return next(iter(self.models.values()))
+        if not self.models:
+            raise E.ModelNotReady("no model is loaded yet; retry later")
+        raise E.BadRequest(f"{len(self.models)} models are served; name one with ?model_name= or "
+                           f"the X-Amzn-SageMaker-Target-Model header "
+                           f"({', '.join(sorted(self.models))})")
+
+    async def register(self, spec: ModelSpec, *, overrides: dict[str, str] | None = None,
+                       wait: bool = True) -> Model:
+        if spec.name in self.models:
+            raise E.Conflict(f"model {spec.name!r} is already registered")
+        try:
+            cfg = load_model_config(spec.name, spec.model_dir, overrides=overrides)
+        except ConfigError as e:
+            raise E.BadRequest(str(e)) from None
+        model = Model(cfg)
+        self.models[spec.name] = model
+        log.info("registering model %s from %s (batch_size=%d, max_batch_delay=%dms, "
+                 "workers=%d..%d)", cfg.name, cfg.model_dir, cfg.batch_size,
+                 cfg.max_batch_delay_ms, cfg.min_workers, cfg.max_workers)
+        task = asyncio.create_task(model.load())
+        if wait:
+            await task
+        return model
+
+    async def unregister(self, name: str) -> None:
+        model = self.get(name)
+        del self.models[name]
+        await model.stop()
+
+    async def stop_all(self) -> None:
+        await asyncio.gather(*(m.stop() for m in list(self.models.values())),
+                             return_exceptions=True)
+        self.models.clear()
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def json_response(obj, status: int = 200, headers: dict | None = None) -> web.Response:
+    return web.Response(body=json.dumps(obj).encode(), status=status, content_type=_JSON,
+                        headers=headers)
+
+
+def error_response(status: int, message: str, type_: str | None = None,
+                   headers: dict | None = None) -> web.Response:
+    return web.Response(body=E.error_body(status, message, type_), status=status,
+                        content_type=_JSON, headers=headers)
+
+
+def _int_param(request: web.Request, key: str, *, minimum: int = 0) -> int | None:
+    raw = request.query.get(key)
+    if raw is None:
+        return None
+    try:
+        v = int(raw)
+    except ValueError:
+        raise E.BadRequest(f"query parameter {key}={raw!r} is not an integer") from None
+    if v < minimum:
+        raise E.BadRequest(f"query parameter {key}={v} must be >= {minimum}")
+    return v
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except E.LmcError as e:
+        return error_response(e.status, e.message, e.type, e.headers or None)
+    except web.HTTPException as e:
+        if e.status < 400:
+            raise
+        msg = {404: f"no route for {request.method} {request.path}",
+               405: f"method {request.method} is not allowed on {request.path}",
+               413: e.text or "request body too large"}.get(e.status, e.reason)
+        return error_response(e.status, msg)
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # a bug of ours: log it, never leak a stack trace to the client
+        log.exception("unhandled error on %s %s", request.method, request.path)
+        return error_response(500, f"internal error: {type(e).__name__}")
+
+
+async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
+    rid = None
+    for h in _REQUEST_ID_HEADERS:
+        rid = request.headers.get(h)
+        if rid:
+            break
+    response.headers["x-request-id"] = rid or uuid.uuid4().hex
+
+
+# ---------------------------------------------------------------------------------------------
+# Inference
+# ---------------------------------------------------------------------------------------------
+
+
+async def _invoke(request: web.Request, model: Model) -> web.StreamResponse:
+    try:
+        body = await request.read()
+    except web.HTTPRequestEntityTooLarge as e:
+        raise E.PayloadTooLarge(f"request body is larger than max_request_size "
+                                f"({request.app['server_config'].max_request_size} bytes); "
+                                f"raise SAGEMAKER_MAX_REQUEST_SIZE to accept it") from e
+    content = [("data", body)]
+    for k, v in request.query.items():
+        if k != "model_name":
+            content.append((k, v.encode()))
+    item = new_request_item(dict(request.headers), content)
+    job = model.submit(item)
+    resp = await model.result(job)
+    headers = resp.headers
+    if not resp.stream:
+        if resp.code == 204:
+            return web.Response(status=204, headers=headers)
+        if "content-type" not in {k.lower() for k in headers}:
+            headers = dict(headers)
+            headers["Content-Type"] = (_JSON if resp.body[:1] in (b"{", b"[")
+                                       else "text/plain; charset=utf-8")
+        return web.Response(status=resp.code, body=resp.body, headers=headers)
+
+    out = web.StreamResponse(status=resp.code, headers=headers)
+    out.enable_chunked_encoding()
+    try:
+        await out.prepare(request)
+        if resp.body:
+            await out.write(resp.body)
+        async for chunk in stream_chunks(job):
+            if isinstance(chunk, StreamEnd):
+                if chunk.error is not None:
+                    await out.write(json.dumps({"finish_reason": "error",
+                                                "error": chunk.error}).encode() + b"\n")
+                break
+            await out.write(chunk)
+        await out.write_eof()
+    except (ConnectionResetError, asyncio.CancelledError):
+        model.abort(job)
+        raise
+    return out
+
+
+async def invocations(request: web.Request) -> web.StreamResponse:
+    mgr: ModelManager = request.app["models"]
+    name = request.query.get("model_name")
+    if name is None:
+        for h in _MODEL_HEADERS:
+            name = request.headers.get(h)
+            if name:
+                break
+    model = mgr.get(name) if name else mgr.default()
+    return await _invoke(request, model)
+
+
+async def predictions(request: web.Request) -> web.StreamResponse:
+    return await _invoke(request, request.app["models"].get(request.match_info["model"]))
+
+
+async def ping(request: web.Request) -> web.Response:
+    mgr: ModelManager = request.app["models"]
+    statuses = {name: m.status for name, m in mgr.models.items()}
+    body = {name: {"status": s.value} for name, s in statuses.items()}
+    for name, m in mgr.models.items():
+        if m.failure:
+            body[name]["error"] = m.failure
+    if any(s is ModelStatus.FAILED for s in statuses.values()):
+        return json_response(body, status=500)
+    if mgr.starting or not statuses or any(s is not ModelStatus.READY for s in statuses.values()):
+        return json_response(body or {"status": "Loading"}, status=503)
+    return json_response(body)
+
+
+# ---------------------------------------------------------------------------------------------
+# Management API (DJL Serving's shape)
+# ---------------------------------------------------------------------------------------------
+
+
+async def list_models(request: web.Request) -> web.Response:
+    mgr: ModelManager = request.app["models"]
+    return json_response({"models": [{"modelName": m.name, "modelUrl": m.config.model_dir,
+                                      "status": m.status.value} for m in mgr.models.values()]})
+
+
+async def register_model(request: web.Request) -> web.Response:
+    mgr: ModelManager = request.app["models"]
+    url = request.query.get("url")
+    if not url:
+        raise E.BadRequest("query parameter 'url' (a local model directory) is required")
+    path = Path(url[len("file://"):] if url.startswith("file://") else url)
+    if not path.is_dir():
+        raise E.BadRequest(f"url={url!r} is not a local directory (only local model "
+                           f"directories can be registered on this build)")
+    name = request.query.get("model_name") or path.name
+    overrides: dict[str, str] = {}
+    for q, key in (("batch_size", "batch_size"), ("max_batch_delay", "max_batch_delay"),
+                   ("max_idle_time", "max_idle_time"), ("min_worker", "minWorkers"),
+                   ("max_worker", "maxWorkers"), ("job_queue_size", "job_queue_size")):
+        v = _int_param(request, q, minimum=0)
+        if v is not None:
+            overrides[key] = str(v)
+    if "engine" in request.query:
+        overrides["engine"] = request.query["engine"]
+    sync = request.query.get("synchronous", "true").lower() != "false"
+    model = await mgr.register(ModelSpec(name, str(path.resolve())), overrides=overrides,
+                               wait=sync)
+    if not sync:
+        return json_response({"status": f'Model "{name}" registration scheduled.'}, status=202)
+    if model.status is ModelStatus.FAILED:
+        await mgr.unregister(name)
+        raise E.ModelFailure(f"model {name!r} failed to load: {model.failure}")
+    return json_response({"status": f'Model "{name}" registered.'})
+
+
+async def describe_model(request: web.Request) -> web.Response:
+    model = request.app["models"].get(request.match_info["model"])
+    return json_response([model.describe()])
+
+
+async def scale_model(request: web.Request) -> web.Response:
+    model = request.app["models"].get(request.match_info["model"])
+    lo = _int_param(request, "min_worker", minimum=0)
+    hi = _int_param(request, "max_worker", minimum=1)
+    try:
+        await model.scale(min_workers=lo, max_workers=hi)
+    except ValueError as e:
+        raise E.BadRequest(str(e)) from None
+    return json_response({"status": f'Model "{model.name}" worker scaled. '
+                                    f'min_worker={model.min_workers} max_worker={model.max_workers}'})
+
+
+async def unregister_model(request: web.Request) -> web.Response:
+    name = request.match_info["model"]
+    await request.app["models"].unregister(name)
+    return json_response({"status": f'Model "{name}" unregistered'})
+
+
+def build_app(server_config: ServerConfig, manager: ModelManager | None = None) -> web.Application:
+    app = web.Application(middlewares=[error_middleware],
+                          client_max_size=server_config.max_request_size)
+    app["server_config"] = server_config
+    app["models"] = manager or ModelManager()
+    app.on_response_prepare.append(_on_prepare)
+    r = app.router
+    r.add_get("/ping", ping)
+    r.add_post("/invocations", invocations)
+    r.add_post("/predictions/{model}", predictions)
+    r.add_post("/predictions/{model}/{version}", predictions)
+    r.add_post("/models/{model}/invoke", predictions)
+    r.add_get("/models", list_models)
+    r.add_post("/models", register_model)
+    r.add_get("/models/{model}", describe_model)
+    r.add_put("/models/{model}", scale_model)
+    r.add_delete("/models/{model}", unregister_model)
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the server
+# ---------------------------------------------------------------------------------------------
+
+
+async def _prepare_default_model(cache_dir: str) -> ModelSpec:
+    """Convert the default model in a subprocess: this process must not import torch."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "engines.default_model", "--cache-dir", cache_dir,
+        stdout=asyncio.subprocess.PIPE)
+    out, _ = await proc.communicate()
+    if proc.returncode != 0:
+        raise ConfigError(f"preparing the default model failed (exit code {proc.returncode}); "
+                          f"see the log above")
+    return ModelSpec(DEFAULT_MODEL_NAME, out.decode().strip().splitlines()[-1])
+
+
+async def _load_startup_models(app: web.Application, specs: list[ModelSpec] | None) -> None:
+    mgr: ModelManager = app["models"]
+    try:
+        if specs is None:
+            specs = [await _prepare_default_model(app["server_config"].cache_dir)]
+        await asyncio.gather(*(mgr.register(s, wait=False) for s in specs))
+    except (ConfigError, E.LmcError) as e:
+        log.error("startup failed: %s", e)
+        app["startup_error"] = str(e)
+        app["shutdown_event"].set()
+        return
+    finally:
+        mgr.starting = False
+
+
+async def serve(specs: list[ModelSpec] | None, server_config: ServerConfig, *,
+                drain_timeout_s: float = 25.0) -> int:
+    """Run until SIGTERM/SIGINT. Returns the process exit code."""
+    app = build_app(server_config)
+    mgr: ModelManager = app["models"]
+    app["shutdown_event"] = stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, server_config.host, server_config.port, backlog=1024,
+                       reuse_address=True)
+    await site.start()
+    log.info("LMC listening on http://%s:%d (pid %d)", server_config.host, server_config.port,
+             os.getpid())
+    loader = asyncio.create_task(_load_startup_models(app, specs))
+    await stop.wait()
+    log.info("shutting down: draining in-flight requests (up to %.0fs)", drain_timeout_s)
+    loader.cancel()
+    await site.stop()  # stop accepting; requests in flight go on
+    await asyncio.gather(*(m.drain(drain_timeout_s) for m in mgr.models.values()),
+                         return_exceptions=True)
+    await mgr.stop_all()
+    await runner.cleanup()
+    if "startup_error" in app:
+        return 1
+    return 0

@@ -1,0 +1,3 @@
+from handlers.formatters import input_formatter
+
+__all__ = ["input_formatter"]

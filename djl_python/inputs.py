@@ -1,0 +1,3 @@
+from handlers.inputs import Input
+
+__all__ = ["Input"]

@@ -1,0 +1,3 @@
+from handlers.outputs import Output
+
+__all__ = ["Output"]

@@ -1,0 +1,3 @@
+from handlers.pair_list import PairList
+
+__all__ = ["PairList"]

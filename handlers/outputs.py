@@ -1,0 +1,156 @@
+"""`Output`: what a model.py `handle(inputs)` returns (djl_python compatible).
+
+Content entries are bytes. For a batch, entry i answers item i, or entries are keyed
+"batch_%03d_<key>" (what `add(..., batch_index=i)` does). Properties become response headers;
+"batch_%03d_<header>" sets a header on one item only. `add_stream_content` makes the response a
+stream: the generator is not touched here, the worker pulls from it as it sends.
+"""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+from handlers.inputs import batch_key
+from handlers.pair_list import PairList
+
+if TYPE_CHECKING:
+    import numpy as np
+
+
+def _json_default(obj: Any) -> Any:
+    # numpy scalars and arrays are what models usually hand back; json can't encode them.
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, (datetime.datetime, datetime.date)):
+        return obj.isoformat()
+    if isinstance(obj, (bytes, bytearray)):
+        return obj.decode("utf-8", errors="replace")
+    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
+
+
+def to_json_bytes(value: Any) -> bytes:
+    # allow_nan=False: NaN is not JSON and would break strict clients later, so fail here.
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, default=_json_default,
+                      separators=(",", ":")).encode("utf-8")
+
+
+def stream_chunk(item: Any) -> bytes:
+    """One streamed item as bytes: bytes as-is, str as UTF-8, anything else as a JSON line."""
+    if isinstance(item, (bytes, bytearray, memoryview)):
+        return bytes(item)
+    if isinstance(item, str):
+        return item.encode("utf-8")
+    return to_json_bytes(item) + b"\n"
+
+
+class Output:
+    def __init__(self, code: int = 200, message: str = "OK") -> None:
+        self.code = code
+        self.message = message
+        self.properties: dict[str, str] = {}
+        self.content = PairList()
+        self.stream_content: Iterable[Any] | None = None
+        self.stream_formatter: Callable[[Any], Any] | None = None
+
+    def set_code(self, code: int) -> Output:
+        self.code = code
+        return self
+
+    def set_message(self, message: str) -> Output:
+        self.message = message
+        return self
+
+    def add_property(self, key: str, val: str) -> Output:
+        self.properties[key] = val
+        return self
+
+    def get_properties(self) -> dict[str, str]:
+        return self.properties
+
+    def get_content(self) -> PairList:
+        return self.content
+
+    def _key(self, key: str | None, batch_index: int | None) -> str | None:
+        if key is not None and not isinstance(key, str):
+            key = str(key)
+        if batch_index is None:
+            return key
+        return batch_key(batch_index, key or "data")
+
+    def add(self, value: Any, key: str | None = None, batch_index: int | None = None) -> Output:
+        """str/bytes/bytearray as raw bytes; anything else as JSON."""
+        if isinstance(value, str):
+            self.content.add(self._key(key, batch_index), value.encode("utf-8"))
+        elif isinstance(value, (bytes, bytearray, memoryview)):
+            self.content.add(self._key(key, batch_index), bytes(value))
+        else:
+            self.add_as_json(value, key=key, batch_index=batch_index)
+        return self
+
+    def add_as_string(self, value: str, key: str | None = None,
+                      batch_index: int | None = None) -> Output:
+        self.content.add(self._key(key, batch_index), value.encode("utf-8"))
+        return self
+
+    def add_as_json(self, val: Any, key: str | None = None,
+                    batch_index: int | None = None) -> Output:
+        self.content.add(self._key(key, batch_index), to_json_bytes(val))
+        return self
+
+    def add_as_numpy(self, np_list: np.ndarray | list[np.ndarray], key: str | None = None,
+                     batch_index: int | None = None) -> Output:
+        """As a DJL `tensor/ndlist` body."""
+        from handlers.ndlist import encode_ndlist
+
+        self.content.add(self._key(key, batch_index), encode_ndlist(np_list))
+        return self
+
+    def add_as_npz(self, np_list: np.ndarray | list[np.ndarray], key: str | None = None,
+                   batch_index: int | None = None) -> Output:
+        import numpy as np
+
+        if not isinstance(np_list, list):
+            np_list = [np_list]
+        buf = io.BytesIO()
+        np.savez(buf, *np_list)
+        self.content.add(self._key(key, batch_index), buf.getvalue())
+        return self
+
+    def add_stream_content(self, stream_generator: Iterable[Any],
+                           output_formatter: Callable[[Any], Any] | None = None) -> Output:
+        """Stream the generator's items as the response body. Each item (after
+        `output_formatter`, if given) becomes bytes per `stream_chunk`."""
+        self.stream_content = stream_generator
+        self.stream_formatter = output_formatter
+        return self
+
+    def iter_stream(self) -> Iterator[bytes] | None:
+        """The stream as bytes chunks, lazily; None when this Output does not stream."""
+        if self.stream_content is None:
+            return None
+        return _format_stream(self.stream_content, self.stream_formatter)
+
+    def error(self, error: str, code: int = 424, message: str = "prediction failure") -> Output:
+        self.code = code
+        self.message = message
+        self.add_property("content-type", "application/json")
+        self.add_as_json({"code": code, "message": message, "error": error})
+        return self
+
+    def __repr__(self) -> str:
+        return (f"Output(code={self.code}, message={self.message!r}, "
+                f"properties={self.properties!r}, content_keys={self.content.get_keys()!r}, "
+                f"stream={self.stream_content is not None})")
+
+
+def _format_stream(items: Iterable[Any], formatter: Callable[[Any], Any] | None) -> Iterator[bytes]:
+    for item in items:
+        if formatter is not None:
+            item = formatter(item)
+        chunk = stream_chunk(item)
+        if chunk:  # an empty chunk would read as end-of-stream to chunked HTTP clients
+            yield chunk

@@ -1,0 +1,322 @@
+"""Loads a model's handler and turns one dispatch (a request or a dynamic batch) into one
+result per request, following DJL Serving's rules for what `handle(inputs)` may return.
+
+Resolution of the handler, first match wins:
+  1. properties["entryPoint"]: a file (relative to model_dir, or absolute), a dotted module
+     name, or one of LMI's built-in handler names (-> the default LLM handler);
+  2. model_dir/model.py;
+  3. the default LLM handler, when model_dir/config.json exists (a Hugging Face model);
+  4. otherwise HandlerLoadError.
+A loaded module is used as: its `handle(inputs)`; else SageMaker-style model_fn/input_fn/
+predict_fn/output_fn; else its @input_formatter/@output_formatter functions plugged into the
+default LLM handler.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.machinery
+import importlib.util
+import itertools
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING
+
+from container.errors import status_type
+from handlers.formatters import INPUT_FORMATTER_TAG, OUTPUT_FORMATTER_TAG
+from handlers.inputs import Input, input_from_items, split_batch_key
+from handlers.outputs import Output, to_json_bytes
+from handlers.sagemaker import SAGEMAKER_FUNCTIONS, SageMakerHandler
+
+if TYPE_CHECKING:
+    from container.protocol import RequestItem
+
+logger = logging.getLogger(__name__)
+
+Handle = Callable[[Input], "Output | None"]
+
+# The default handler lives in its own module so that torch is imported only when it is used.
+DEFAULT_HANDLER_MODULE = "handlers.llm"
+DEFAULT_HANDLER_CLASS = "LLMHandler"
+
+# LMI's built-in handlers, as users name them in option.entryPoint. They all mean "serve this
+# LLM with the engine's default handler", which is what ours does.
+LMI_BUILTIN_ENTRY_POINTS = frozenset({
+    "djl_python.huggingface",
+    "djl_python.deepspeed",
+    "djl_python.transformers_neuronx",
+    "djl_python.tensorrt_llm",
+    "djl_python.lmi_dist",
+    "djl_python.lmi_vllm.vllm_async_service",
+    "djl_python.lmi_trtllm.trtllm_async_service",
+})
+
+
+_module_ids = itertools.count()
+
+
+@dataclass
+class ItemResult:
+    """The answer to one request. With `stream` set, `body` is empty and the chunks come from
+    the iterator, produced lazily while the worker sends them."""
+
+    code: int
+    message: str
+    headers: dict[str, str]
+    body: bytes
+    stream: Iterator[bytes] | None = field(default=None, repr=False)
+
+
+class HandlerLoadError(Exception):
+    """The handler could not be found, imported or warmed up. The message names the file."""
+
+
+# ---- exceptions -> HTTP status: the one table ------------------------------------------------
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    # By class name, so torch.cuda.OutOfMemoryError is recognised without importing torch.
+    return isinstance(exc, MemoryError) or any(
+        "OutOfMemory" in cls.__name__ for cls in type(exc).__mro__)
+
+
+_ERROR_STATUS: tuple[tuple[Callable[[BaseException], bool], int, str], ...] = (
+    (_is_out_of_memory, 507, "out of memory"),
+)
+_DEFAULT_ERROR_STATUS = (424, "prediction failure")
+
+
+def error_status(exc: BaseException) -> tuple[int, str]:
+    """(HTTP code, message) for an exception raised by a handler."""
+    for matches, code, message in _ERROR_STATUS:
+        if matches(exc):
+            return code, message
+    return _DEFAULT_ERROR_STATUS
+
+
+def error_result(code: int, message: str, error: str) -> ItemResult:
+    # LMC's error body ({"code","type","message"}, message = what went wrong) plus LMI's
+    # "error" field, so clients written for either read it.
+    body = to_json_bytes({"code": code, "type": status_type(code), "message": error,
+                          "error": error})
+    return ItemResult(code, message, {"content-type": "application/json"}, body)
+
+
+# ---- the service -----------------------------------------------------------------------------
+
+
+class ModelService:
+    def __init__(self, handle: Handle, *, source: str) -> None:
+        self.handle = handle
+        self.source = source  # where the handler came from, for logs and error messages
+
+    @classmethod
+    def load(cls, model_dir: str, properties: dict[str, str]) -> ModelService:
+        """Find, import and warm up the handler. Raises HandlerLoadError."""
+        handle, source = _resolve_handler(model_dir, properties)
+        service = cls(handle, source=source)
+        # DJL's contract: the first call carries no content, only the init properties, so a
+        # handler can load its model there. Whatever it returns is ignored.
+        try:
+            handle(Input(dict(properties)))
+        except Exception as e:
+            raise HandlerLoadError(
+                f"{source}: handle() failed during warm-up: {type(e).__name__}: {e}. Hint: the "
+                "first call to handle() has no content, only init properties; load the model "
+                "there and return None when inputs.is_empty()") from e
+        return service
+
+    def invoke(self, items: Sequence[RequestItem]) -> list[ItemResult]:
+        """One result per item, in order. Handler errors become error results, never raise."""
+        n = len(items)
+        assert n > 0, "invoke() needs at least one request"
+        try:
+            out = self.handle(input_from_items(items))
+        except Exception as e:
+            code, message = error_status(e)
+            logger.exception("handler %s failed on a batch of %d", self.source, n)
+            return [error_result(code, message, str(e) or type(e).__name__) for _ in range(n)]
+        if out is None:
+            return [ItemResult(204, "No Content", {}, b"") for _ in range(n)]
+        if not isinstance(out, Output):
+            error = (f"Invalid output type: handle() returned {type(out).__name__}; "
+                     "return an Output or None")
+            return [error_result(424, "Invalid output type", error) for _ in range(n)]
+        return _split_output(out, n)
+
+
+# ---- splitting an Output back into per-request results ---------------------------------------
+
+
+def _split_output(out: Output, n: int) -> list[ItemResult]:
+    headers = _split_headers(out.properties, n)
+    stream = out.iter_stream()
+    if stream is not None:
+        if n != 1:
+            error = (f"handler streamed one response for a batch of {n}; streaming needs "
+                     "batch size 1 (set batch_size=1, or return per-item content)")
+            return [error_result(424, "Invalid output", error) for _ in range(n)]
+        # Content added next to a stream is sent before it rather than dropped.
+        head = [bytes(v) for _, v in out.content]
+        chunks = itertools.chain(head, stream) if head else stream
+        return [ItemResult(out.code, out.message, headers[0], b"", chunks)]
+
+    bodies = _split_content(out, n)
+    if isinstance(bodies, str):
+        return [error_result(424, "Invalid output", bodies) for _ in range(n)]
+    results = []
+    for i, body in enumerate(bodies):
+        if body is None:
+            results.append(error_result(
+                424, "Invalid output", f"handler returned no output for batch item {i}"))
+        else:
+            results.append(ItemResult(out.code, out.message, headers[i], body))
+    return results
+
+
+def _split_headers(properties: dict[str, str], n: int) -> list[dict[str, str]]:
+    shared: dict[str, str] = {}
+    own: list[dict[str, str]] = [{} for _ in range(n)]
+    for key, value in properties.items():
+        split = split_batch_key(key)
+        if split is None:
+            shared[key] = str(value)
+        elif split[0] < n:
+            own[split[0]][split[1]] = str(value)
+    return [{**shared, **mine} for mine in own]
+
+
+def _pick(entries: list[tuple[str | None, bytes]]) -> bytes | None:
+    """The body among several entries: the one named "data", else the first."""
+    for key, value in entries:
+        if key == "data":
+            return bytes(value)
+    return bytes(entries[0][1]) if entries else None
+
+
+def _split_content(out: Output, n: int) -> list[bytes | None] | str:
+    """Per-item bodies (None: no output for that item), or a message saying why they can't be
+    matched to the batch."""
+    entries = list(out.content)
+    prefixed: dict[int, list[tuple[str | None, bytes]]] = {}
+    for key, value in entries:
+        split = split_batch_key(key)
+        if split is not None and split[0] < n:
+            prefixed.setdefault(split[0], []).append((split[1], value))
+    if prefixed:
+        return [_pick(prefixed.get(i, [])) for i in range(n)]
+    if len(entries) == n:
+        return [bytes(v) for _, v in entries]
+    if n == 1:
+        return [_pick(entries) or b""]
+    if out.code >= 400 and len(entries) == 1:
+        # Output.error() on a batch: the one error answers every request in it.
+        return [bytes(entries[0][1])] * n
+    return f"handler returned {len(entries)} outputs for a batch of {n}"
+
+
+# ---- finding and importing the handler -------------------------------------------------------
+
+
+def _resolve_handler(model_dir: str, properties: dict[str, str]) -> tuple[Handle, str]:
+    entry = properties.get("entryPoint")
+    if entry:
+        if entry in LMI_BUILTIN_ENTRY_POINTS:
+            return _default_handler(f"option.entryPoint={entry}")
+        path = entry if os.path.isabs(entry) else os.path.join(model_dir, entry)
+        if os.path.isfile(path):
+            return _handler_from_module(_import_file(path), model_dir, path)
+        if entry.endswith(".py") or "/" in entry or os.sep in entry:
+            raise HandlerLoadError(
+                f"option.entryPoint={entry}: no such file {path}. Hint: give a path relative "
+                f"to the model directory {model_dir}, an absolute path, or a module name")
+        module = _import_module(entry, model_dir)
+        return _handler_from_module(module, model_dir, getattr(module, "__file__", None) or entry)
+    path = os.path.join(model_dir, "model.py")
+    if os.path.isfile(path):
+        return _handler_from_module(_import_file(path), model_dir, path)
+    if os.path.isfile(os.path.join(model_dir, "config.json")):
+        return _default_handler(f"default LLM handler for {model_dir}")
+    raise HandlerLoadError(
+        f"no model.py, no option.entryPoint and no config.json in {model_dir}: nothing to "
+        "serve. Hint: add a model.py with handle(inputs), set option.entryPoint, or point "
+        "option.model_id at a Hugging Face model")
+
+
+def _add_to_path(directory: str) -> None:
+    # So a model.py can import the modules next to it, as it could under DJL Serving.
+    directory = os.path.abspath(directory)
+    if directory not in sys.path:
+        sys.path.insert(0, directory)
+
+
+def _import_file(path: str) -> ModuleType:
+    _add_to_path(os.path.dirname(path))
+    stem = os.path.basename(path).split(".")[0] or "model"
+    # A fresh name per load: two models (or two tests) with a model.py must not share a module.
+    name = f"lmc_user_{stem}_{next(_module_ids)}"
+    # SourceFileLoader explicitly, so a file not ending in .py (model.py.example) loads too.
+    loader = importlib.machinery.SourceFileLoader(name, path)
+    spec = importlib.util.spec_from_loader(name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    # Registered before running it: dataclasses and pickle look the module up by name.
+    sys.modules[name] = module
+    try:
+        loader.exec_module(module)
+    except Exception as e:
+        del sys.modules[name]
+        raise HandlerLoadError(
+            f"{path}: import failed: {type(e).__name__}: {e}. Hint: check the file runs with "
+            "`python` in the model directory and that its requirements are installed") from e
+    return module
+
+
+def _import_module(name: str, model_dir: str) -> ModuleType:
+    _add_to_path(model_dir)
+    try:
+        return importlib.import_module(name)
+    except Exception as e:
+        raise HandlerLoadError(
+            f"option.entryPoint={name}: cannot import module: {type(e).__name__}: {e}. Hint: "
+            f"use a file in {model_dir} (e.g. model.py) or an importable module name") from e
+
+
+def _handler_from_module(module: ModuleType, model_dir: str, source: str) -> tuple[Handle, str]:
+    handle = getattr(module, "handle", None)
+    if callable(handle):
+        return handle, source
+    if any(callable(getattr(module, f, None)) for f in SAGEMAKER_FUNCTIONS):
+        return SageMakerHandler(module, model_dir).handle, source
+    in_fmt = _tagged(module, INPUT_FORMATTER_TAG)
+    out_fmt = _tagged(module, OUTPUT_FORMATTER_TAG)
+    if in_fmt is not None or out_fmt is not None:
+        handle, _ = _default_handler(source, input_formatter=in_fmt, output_formatter=out_fmt)
+        return handle, f"{source} (formatters on the default LLM handler)"
+    raise HandlerLoadError(
+        f"{source}: defines no handle(inputs), no SageMaker model_fn/predict_fn and no "
+        "@input_formatter/@output_formatter function. Hint: add `def handle(inputs)`")
+
+
+def _tagged(module: ModuleType, tag: str) -> Callable | None:
+    found = [v for v in vars(module).values() if callable(v) and getattr(v, tag, False) is True]
+    if len(found) > 1:
+        names = ", ".join(getattr(f, "__name__", "?") for f in found)
+        raise HandlerLoadError(f"{module.__file__}: several functions marked {tag}: {names}; "
+                               "keep one")
+    return found[0] if found else None
+
+
+def _default_handler(source: str, **formatters: Callable | None) -> tuple[Handle, str]:
+    try:
+        cls = getattr(importlib.import_module(DEFAULT_HANDLER_MODULE), DEFAULT_HANDLER_CLASS)
+        handler = cls(**formatters)
+    except Exception as e:
+        raise HandlerLoadError(
+            f"{source}: cannot start the default LLM handler ({DEFAULT_HANDLER_MODULE}): "
+            f"{type(e).__name__}: {e}") from e
+    return handler.handle, source

@@ -1,0 +1,138 @@
+"""Worker process: `python -m handlers.worker --socket PATH`.
+
+Connects to the front end's Unix socket, receives Init, loads the handler (ModelService), says
+Ready, then serves Request frames. A reader thread takes frames off the socket so that Abort and
+Shutdown are seen while the main thread is busy in the handler (e.g. in the middle of a stream);
+only the main thread writes to the socket.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import os
+import queue
+import signal
+import socket
+import sys
+import threading
+
+from container import protocol as P
+
+log = logging.getLogger("lmc.worker")
+
+
+def _die_with_parent() -> None:
+    """If the front end dies (even by SIGKILL), take this worker down too (Linux only)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        PR_SET_PDEATHSIG = 1
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+class WorkerLoop:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.aborted: set[int] = set()
+        self._lock = threading.Lock()  # guards `aborted` between reader and main thread
+
+    def send(self, *msgs: P.Message) -> None:
+        self.sock.sendall(b"".join(P.encode(m) for m in msgs))
+
+    def _reader(self) -> None:
+        try:
+            while True:
+                msg = P.read_message_blocking(self.sock)
+                if msg is None:
+                    break
+                if isinstance(msg, P.Abort):
+                    with self._lock:
+                        self.aborted.update(msg.ids)
+                else:
+                    self.inbox.put(msg)
+        except (OSError, P.ProtocolError) as e:
+            log.error("connection to the front end broke: %s", e)
+        self.inbox.put(None)  # EOF: the front end is gone or closed us
+
+    def run(self, service) -> None:
+        threading.Thread(target=self._reader, name="lmc-reader", daemon=True).start()
+        while True:
+            msg = self.inbox.get()
+            if msg is None or isinstance(msg, P.Shutdown):
+                return
+            if isinstance(msg, P.Request):
+                self._serve(service, msg.items)
+
+    def _serve(self, service, items: list[P.RequestItem]) -> None:
+        results = service.invoke(items)
+        plain: list[P.Message] = []
+        streams = []
+        for item, r in zip(items, results):
+            if r.stream is None:
+                plain.append(P.Response(item.id, r.code, r.message, r.headers, r.body))
+            else:
+                streams.append((item.id, r))
+        if plain:
+            self.send(*plain)
+        for rid, r in streams:
+            self._stream(rid, r)
+
+    def _stream(self, rid: int, r) -> None:
+        self.send(P.Response(rid, r.code, r.message, r.headers, r.body, stream=True))
+        error = None
+        gen = r.stream
+        try:
+            for chunk in gen:
+                with self._lock:
+                    if rid in self.aborted:
+                        self.aborted.discard(rid)
+                        log.info("request %d aborted by the client", rid)
+                        break
+                if chunk:
+                    self.send(P.Chunk(rid, chunk))
+        except Exception as e:  # the stream broke after its first byte: tell the client
+            log.exception("stream of request %d failed", rid)
+            error = str(e) or type(e).__name__
+        finally:
+            close = getattr(gen, "close", None)
+            if close is not None:
+                close()
+        self.send(P.End(rid, error))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--socket", required=True)
+    ap.add_argument("--name", default="worker")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=os.environ.get("LMC_LOG_LEVEL", "INFO").upper(),
+                        format=f"%(asctime)s %(levelname)s [{args.name}] %(name)s: %(message)s")
+    _die_with_parent()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(args.socket)
+    init = P.read_message_blocking(sock)
+    if not isinstance(init, P.Init):
+        log.error("expected Init, got %r", init)
+        return 2
+    loop = WorkerLoop(sock)
+    try:
+        from handlers.service import ModelService
+
+        service = ModelService.load(init.model_dir, init.properties)
+    except Exception as e:  # any load failure goes to the front end with its message
+        log.exception("loading model %s failed", init.model_name)
+        loop.send(P.InitFailed(f"{type(e).__name__}: {e}"))
+        return 1
+    loop.send(P.Ready(os.getpid(), {"model": init.model_name}))
+    loop.run(service)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

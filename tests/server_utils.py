@@ -1,0 +1,118 @@
+"""Run a real LMC server process on a free loopback port, and talk to it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class HttpResult:
+    def __init__(self, status: int, headers, body: bytes) -> None:
+        self.status, self.headers, self.body = status, headers, body
+
+    def json(self):
+        return json.loads(self.body)
+
+
+class LmcServer:
+    """`with LmcServer(args=[...], env={...}) as srv:` starts `python -m container serve` bound
+    to 127.0.0.1 on a free port; always stops it (SIGTERM, then SIGKILL)."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, *,
+                 wait_status: int | None = 200, timeout_s: float = 60.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.args = args
+        self.env = {**os.environ, "LMC_LOG_LEVEL": "WARNING", **(env or {})}
+        self.env.pop("SAGEMAKER_BIND_TO_PORT", None)
+        self.wait_status = wait_status
+        self.timeout_s = timeout_s
+        self.proc: subprocess.Popen | None = None
+
+    def __enter__(self) -> LmcServer:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "container", "serve", "--host", "127.0.0.1",
+             "--port", str(self.port), *self.args],
+            cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        if self.wait_status is not None:
+            self.wait_for_ping(self.wait_status, self.timeout_s)
+        return self
+
+    def wait_for_ping(self, status: int, timeout_s: float = 60.0) -> HttpResult:
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                last = self.request("GET", "/ping", timeout=2)
+                if last.status == status:
+                    return last
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"/ping never returned {status} (last: "
+                           f"{last.status if last else None})")
+
+    def request(self, method: str, path: str, body: bytes | dict | None = None,
+                headers: dict | None = None, timeout: float = 30) -> HttpResult:
+        data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
+        hdrs = {"Content-Type": "application/json"} if isinstance(body, (dict, list)) else {}
+        hdrs.update(headers or {})
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=hdrs)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return HttpResult(r.status, r.headers, r.read())
+        except urllib.error.HTTPError as e:
+            return HttpResult(e.code, e.headers, e.read())
+
+    def post(self, path: str, body=None, **kw) -> HttpResult:
+        return self.request("POST", path, body, **kw)
+
+    def output(self) -> str:
+        if self.proc and self.proc.stdout and self.proc.poll() is not None:
+            return self.proc.stdout.read().decode(errors="replace")
+        return ""
+
+    def stop(self, timeout_s: float = 30) -> int:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+        if self.proc and self.proc.stdout:
+            self.proc.stdout.close()
+
+
+def model_dir(tmp_path: Path, fixture: str, properties: str = "") -> Path:
+    """Copy a fixture model dir under tmp_path and write its serving.properties."""
+    import shutil
+
+    dst = tmp_path / fixture
+    shutil.copytree(FIXTURES / "server" / fixture, dst)
+    if properties:
+        (dst / "serving.properties").write_text(properties)
+    return dst

@@ -1,0 +1,336 @@
+"""The front end, workload manager and workers together: a real server process on a loopback
+port, a real worker process running a model.py, real HTTP clients."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+
+import aiohttp
+import pytest
+
+from server_utils import LmcServer, model_dir
+
+
+def gather_posts(url: str, bodies: list, *, timeout_s: float = 30.0,
+                 headers: dict | None = None) -> list[tuple[int, bytes, float]]:
+    """POST all bodies concurrently; (status, body, seconds) each."""
+
+    async def one(session, body):
+        t = time.monotonic()
+        async with session.post(url, json=body, headers=headers) as r:
+            return r.status, await r.read(), time.monotonic() - t
+
+    async def run():
+        conn = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=conn,
+                                         timeout=aiohttp.ClientTimeout(total=timeout_s)) as s:
+            return await asyncio.gather(*(one(s, b) for b in bodies))
+
+    return asyncio.run(run())
+
+
+@pytest.fixture(scope="module")
+def echo_server(tmp_path_factory):
+    d = model_dir(tmp_path_factory.mktemp("m"), "echo", "max_request_size_is_not_a_key=1\n")
+    (d / "serving.properties").write_text("job_queue_size=100\n")
+    with LmcServer(["--model-dir", str(d)], env={"SAGEMAKER_MAX_REQUEST_SIZE": "100000"}) as s:
+        yield s
+
+
+# -- basic contract ------------------------------------------------------------------------------
+
+
+def test_ping_and_invocations(echo_server):
+    r = echo_server.request("GET", "/ping")
+    assert r.status == 200 and r.json() == {"echo": {"status": "Healthy"}}
+    r = echo_server.post("/invocations", {"hello": "world"})
+    assert r.status == 200
+    assert r.json()["echo"] == {"hello": "world"}
+    assert r.headers["Content-Type"].startswith("application/json")
+
+
+def test_all_inference_routes_reach_the_model(echo_server):
+    for path in ("/invocations", "/predictions/echo", "/predictions/echo/v1",
+                 "/models/echo/invoke", "/invocations?model_name=echo"):
+        r = echo_server.post(path, {"route": path})
+        assert r.status == 200, (path, r.body)
+        assert r.json()["echo"] == {"route": path}
+
+
+def test_request_id_on_every_response(echo_server):
+    r = echo_server.post("/invocations", {"a": 1},
+                         headers={"X-Amzn-SageMaker-Inference-Id": "abc-123"})
+    assert r.headers["x-request-id"] == "abc-123"
+    for resp in (echo_server.post("/invocations", {"a": 1}), echo_server.request("GET", "/ping"),
+                 echo_server.request("GET", "/nowhere")):
+        assert len(resp.headers["x-request-id"]) >= 16
+
+
+def test_headers_and_custom_attributes_reach_the_handler(echo_server):
+    r = echo_server.post("/invocations", {"a": 1},
+                         headers={"X-Amzn-SageMaker-Custom-Attributes": "x-trace=7;x-user=bob",
+                                  "X-Thing": "yes"})
+    props = r.json()["props"]
+    assert props["X-Thing"] == "yes"
+    assert props["x-trace"] == "7" and props["x-user"] == "bob"
+
+
+def test_init_properties_reach_warmup(echo_server):
+    init = echo_server.post("/invocations", {"a": 1}).json()["init"]
+    assert init["batch_size"] == "1" and init["model_dir"].endswith("echo")
+
+
+def test_handler_exception_is_424_with_message(echo_server):
+    r = echo_server.post("/invocations", {"raise": "bad"})
+    assert r.status == 424
+    body = r.json()
+    assert body["code"] == 424 and body["type"] == "ModelError" and "bad" in body["message"]
+    assert echo_server.post("/invocations", {"ok": 1}).status == 200  # still serving
+
+
+def test_none_is_204_and_wrong_type_is_424(echo_server):
+    assert echo_server.post("/invocations", {"none": True}).status == 204
+    r = echo_server.post("/invocations", {"bad_type": True})
+    assert r.status == 424 and "Invalid output type" in r.json()["message"]
+
+
+def test_bad_requests_get_clear_4xx(echo_server):
+    r = echo_server.post("/invocations", b"x" * 200_000)
+    assert r.status == 413 and "max_request_size" in r.json()["message"]
+    r = echo_server.post("/predictions/nope", {"a": 1})
+    assert r.status == 404 and "nope" in r.json()["message"]
+    assert r.json()["type"] == "ModelNotFound"
+    r = echo_server.request("GET", "/invocations")
+    assert r.status == 405 and r.json()["type"] == "MethodNotAllowed"
+    r = echo_server.request("GET", "/no/such/route")
+    assert r.status == 404 and "/no/such/route" in r.json()["message"]
+    r = echo_server.post("/invocations", b"{not json", headers={"Content-Type": "application/json"})
+    assert r.status == 424 and "Expecting property name" in r.json()["message"]
+    r = echo_server.request("PUT", "/models/echo?min_worker=abc")
+    assert r.status == 400 and "min_worker='abc'" in r.json()["message"]
+    assert echo_server.post("/invocations", {"still": "serving"}).status == 200
+
+
+def test_streamed_custom_output_arrives_chunked(echo_server):
+    async def run():
+        async with aiohttp.ClientSession() as s:
+            async with s.post(echo_server.url + "/invocations",
+                              json={"stream": 5, "delay": 0.2}) as r:
+                assert r.headers.get("Transfer-Encoding") == "chunked"
+                arrivals = []
+                async for line in r.content:
+                    arrivals.append((time.time(), json.loads(line)))
+                return arrivals
+
+    arrivals = asyncio.run(run())
+    assert [a[1]["chunk"] for a in arrivals] == [0, 1, 2, 3, 4]
+    # Each chunk reached the client right after it was produced, not all at the end.
+    lags = [t_recv - c["t"] for t_recv, c in arrivals]
+    assert max(lags) < 0.15, lags
+    assert arrivals[-1][0] - arrivals[0][0] > 0.6
+
+
+# -- batching, queue, scaling ---------------------------------------------------------------------
+
+
+def test_dynamic_batch_of_four(tmp_path):
+    d = model_dir(tmp_path, "echo", "batch_size=4\nmax_batch_delay=200\n")
+    with LmcServer(["--model-dir", str(d)]) as s:
+        results = gather_posts(s.url + "/invocations", [{"n": i} for i in range(4)])
+    assert [st for st, _, _ in results] == [200] * 4
+    bodies = [json.loads(b) for _, b, _ in results]
+    assert [b["echo"]["n"] for b in bodies] == [0, 1, 2, 3]  # each client got its own item
+    assert all(b["batch_size"] == 4 for b in bodies)  # one Input of 4 reached handle
+
+
+def test_full_queue_gives_503_and_nothing_is_lost(tmp_path):
+    d = model_dir(tmp_path, "echo", "job_queue_size=8\nminWorkers=1\nmaxWorkers=1\n")
+    with LmcServer(["--model-dir", str(d)]) as s:
+        t = time.monotonic()
+        results = gather_posts(s.url + "/invocations",
+                               [{"sleep": 0.05, "n": i} for i in range(40)], timeout_s=20)
+        elapsed = time.monotonic() - t
+        assert s.post("/invocations", {"after": 1}).status == 200
+    statuses = [st for st, _, _ in results]
+    assert len(statuses) == 40 and set(statuses) <= {200, 503}
+    assert 1 <= statuses.count(200) <= 10  # 1 in the worker + at most 8 queued (+1 race)
+    assert statuses.count(503) >= 30
+    for st, body, _ in results:
+        if st == 200:
+            assert "n" in json.loads(body)["echo"]
+        else:
+            err = json.loads(body)
+            assert err["type"] == "QueueFull" and "job_queue_size=8" in err["message"]
+    assert elapsed < 5
+
+
+def test_put_scales_workers(tmp_path):
+    d = model_dir(tmp_path, "echo")
+    with LmcServer(["--model-dir", str(d)]) as s:
+        [desc] = s.request("GET", "/models/echo").json()
+        assert len(desc["workers"]) == 1
+        r = s.request("PUT", "/models/echo?min_worker=2&max_worker=2")
+        assert r.status == 200, r.body
+        [desc] = s.request("GET", "/models/echo").json()
+        assert (desc["minWorkers"], desc["maxWorkers"]) == (2, 2)
+        assert len(desc["workers"]) == 2
+        assert len({w["pid"] for w in desc["workers"]}) == 2
+        # Both serve: two slow requests at once finish in about one request's time.
+        res = gather_posts(s.url + "/invocations", [{"sleep": 0.5}, {"sleep": 0.5}])
+        assert {json.loads(b)["pid"] for _, b, _ in res} == {w["pid"] for w in desc["workers"]}
+        r = s.request("PUT", "/models/echo?min_worker=1&max_worker=1")
+        [desc] = s.request("GET", "/models/echo").json()
+        assert len(desc["workers"]) == 1
+
+
+def test_scale_up_on_queue_depth_and_idle_scale_down(tmp_path):
+    d = model_dir(tmp_path, "echo", "minWorkers=1\nmaxWorkers=2\nmax_idle_time=1\n")
+    with LmcServer(["--model-dir", str(d)]) as s:
+        res = gather_posts(s.url + "/invocations", [{"sleep": 0.3, "n": i} for i in range(10)])
+        assert all(st == 200 for st, _, _ in res)
+        pids = {json.loads(b)["pid"] for _, b, _ in res}
+        assert len(pids) == 2  # a temporary worker joined under load
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            [desc] = s.request("GET", "/models/echo").json()
+            if len(desc["workers"]) == 1:
+                break
+            time.sleep(0.2)
+        assert len(desc["workers"]) == 1 and desc["workers"][0]["permanent"]
+
+
+def test_worker_crash_fails_fast_and_restarts(tmp_path):
+    d = model_dir(tmp_path, "echo")
+    with LmcServer(["--model-dir", str(d)]) as s:
+        t = time.monotonic()
+        r = s.post("/invocations", {"crash": True})
+        assert time.monotonic() - t < 3
+        assert r.status == 500
+        err = r.json()
+        assert err["type"] == "WorkerDied" and "SIGKILL" in err["message"]
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            r = s.post("/invocations", {"after": "crash"})
+            if r.status == 200:
+                break
+            time.sleep(0.1)
+        assert r.status == 200 and r.json()["echo"] == {"after": "crash"}
+        assert s.request("GET", "/ping").status == 200
+
+
+def test_killed_worker_mid_request(tmp_path):
+    d = model_dir(tmp_path, "echo")
+    with LmcServer(["--model-dir", str(d)]) as s:
+        [desc] = s.request("GET", "/models/echo").json()
+        pid = desc["workers"][0]["pid"]
+
+        async def run():
+            async with aiohttp.ClientSession() as sess:
+                req = asyncio.ensure_future(sess.post(s.url + "/invocations",
+                                                      json={"sleep": 10}))
+                await asyncio.sleep(0.5)
+                os.kill(pid, signal.SIGKILL)
+                t = time.monotonic()
+                r = await req
+                return r.status, await r.json(), time.monotonic() - t
+
+        status, body, dt = asyncio.run(run())
+        assert status == 500 and dt < 2 and str(pid) in body["message"]
+
+
+def test_retry_threshold_marks_model_failed(tmp_path):
+    d = model_dir(tmp_path, "echo", "retry_threshold=2\n")
+    with LmcServer(["--model-dir", str(d)]) as s:
+        assert s.post("/invocations", {"crash": True}).status == 500
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:  # wait for the restart, then crash it again
+            r = s.post("/invocations", {"crash": True})
+            if r.status == 500:
+                break
+            time.sleep(0.1)
+        r = s.wait_for_ping(500, 10)
+        assert r.json()["echo"]["status"] == "Failed"
+        assert "retry_threshold=2" in r.json()["echo"]["error"]
+        r = s.post("/invocations", {"a": 1})
+        assert r.status == 503 and "failed" in r.json()["message"]
+
+
+def test_ping_503_while_loading_then_200(tmp_path):
+    d = model_dir(tmp_path, "echo", "option.load_delay_s=3\n")
+    with LmcServer(["--model-dir", str(d)], wait_status=None) as s:
+        r = s.wait_for_ping(503, 10)
+        t = time.monotonic()
+        assert s.request("GET", "/ping").status == 503
+        assert time.monotonic() - t < 0.5  # /ping never blocks on the load
+        r = s.post("/invocations", {"a": 1})
+        assert r.status == 503 and r.json()["type"] == "ModelNotReady"
+        s.wait_for_ping(200, 15)
+        assert s.post("/invocations", {"a": 1}).status == 200
+
+
+def test_model_that_fails_to_load_reports_failed(tmp_path):
+    d = tmp_path / "broken"
+    d.mkdir()
+    (d / "model.py").write_text("import no_such_module_anywhere\n")
+    with LmcServer(["--model-dir", str(d)], wait_status=500) as s:
+        r = s.request("GET", "/ping")
+        assert "no_such_module_anywhere" in r.json()["broken"]["error"]
+
+
+def test_unknown_config_key_fails_startup(tmp_path):
+    d = model_dir(tmp_path, "echo", "batch_sise=4\n")
+    with LmcServer(["--model-dir", str(d)], wait_status=None) as s:
+        rc = s.proc.wait(30)
+        out = s.proc.stdout.read().decode()
+    assert rc != 0
+    assert "batch_sise" in out and "serving.properties" in out and "batch_size" in out
+
+
+def test_management_api(tmp_path):
+    a = model_dir(tmp_path / "a", "echo")
+    b = model_dir(tmp_path / "b", "echo")
+    with LmcServer(["--model-dir", str(a)]) as s:
+        r = s.request("POST", f"/models?url={b}&model_name=second&batch_size=2"
+                              f"&max_batch_delay=10&min_worker=1&max_worker=2")
+        assert r.status == 200, r.body
+        names = {m["modelName"] for m in s.request("GET", "/models").json()["models"]}
+        assert names == {"echo", "second"}
+        [desc] = s.request("GET", "/models/second").json()
+        assert (desc["batchSize"], desc["maxBatchDelay"], desc["maxWorkers"]) == (2, 10, 2)
+        assert s.post("/predictions/second", {"x": 2}).json()["echo"] == {"x": 2}
+        # Two models: /invocations must be told which one.
+        r = s.post("/invocations", {"x": 1})
+        assert r.status == 400 and "second" in r.json()["message"]
+        assert s.post("/invocations", {"x": 1},
+                      headers={"X-Amzn-SageMaker-Target-Model": "second"}).status == 200
+        r = s.request("POST", f"/models?url={b}&model_name=second")
+        assert r.status == 409
+        r = s.request("POST", "/models?url=/no/such/dir")
+        assert r.status == 400 and "/no/such/dir" in r.json()["message"]
+        r = s.request("POST", f"/models?url={b}&model_name=third&synchronous=false")
+        assert r.status == 202
+        assert s.request("DELETE", "/models/second").status == 200
+        assert s.request("GET", "/models/second").status == 404
+        assert s.post("/predictions/second", {"x": 2}).status == 404
+
+
+def test_sigterm_drains_in_flight_requests(tmp_path):
+    d = model_dir(tmp_path, "echo")
+    with LmcServer(["--model-dir", str(d)]) as s:
+
+        async def run():
+            async with aiohttp.ClientSession() as sess:
+                req = asyncio.ensure_future(sess.post(s.url + "/invocations",
+                                                      json={"sleep": 1.0, "n": 1}))
+                await asyncio.sleep(0.3)
+                s.proc.send_signal(signal.SIGTERM)
+                r = await req
+                return r.status, await r.json()
+
+        status, body = asyncio.run(run())
+        assert status == 200 and body["echo"]["n"] == 1
+        assert s.proc.wait(30) == 0
