@@ -1,0 +1,95 @@
+"""Tiny random-weight models for tests, built in-process (no downloads).
+
+`make_tiny_llama` writes a complete HF model dir: a 2-layer LlamaForCausalLM in safetensors and a
+byte-level BPE tokenizer trained on a few sentences, with BOS/EOS/PAD tokens and a ChatML-style
+chat template, so engines and handlers can load it exactly like a real checkpoint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+BOS = "<|im_start|>"
+EOS = "<|im_end|>"
+PAD = "<|endoftext|>"
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+_CORPUS = [
+    "The capital of France is Paris.",
+    "What is the capital of France?",
+    "Once upon a time there was a small model that served requests.",
+    "The quick brown fox jumps over the lazy dog.",
+    "Large language models generate one token at a time.",
+    "Hello world! How are you today?",
+    "Batching requests together keeps the accelerator busy.",
+    "Numbers like 0 1 2 3 4 5 6 7 8 9 appear too.",
+]
+
+
+def make_tokenizer(*, vocab_size: int = 384):
+    """A byte-level BPE tokenizer: any text encodes, and decoding gives the text back."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[PAD, BOS, EOS],  # ids 0, 1, 2 as in SmolLM2
+        # All 256 byte symbols, so text outside the corpus still encodes.
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        bos_token=BOS,
+        eos_token=EOS,
+        pad_token=PAD,
+        unk_token=PAD,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def make_tiny_llama(
+    path: str | Path,
+    *,
+    vocab_size: int = 384,
+    seed: int = 0,
+    max_position_embeddings: int = 256,
+) -> Path:
+    """Write a tiny LlamaForCausalLM with random weights and its tokenizer to `path`."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = Path(path)
+    tokenizer = make_tokenizer(vocab_size=vocab_size)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, as in SmolLM2 and Llama 3
+        max_position_embeddings=max_position_embeddings,
+        # Larger than the default 0.02 so logits are spread out: greedy choices then do not
+        # hinge on near-ties that float noise (e.g. from padding) could flip.
+        initializer_range=0.2,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        architectures=["LlamaForCausalLM"],
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    return path
