@@ -188,24 +188,27 @@ def _did_you_mean(key: str, choices) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _as_int(key: str, s: Setting, *, minimum: int = 0) -> int:
+def _as_number(key: str, s: Setting, conv, *, minimum):
     try:
-        v = int(s.value)
+        v = conv(s.value)
     except ValueError:
-        raise ConfigError(f"{key}={s.value!r} from {s.source} is not an integer") from None
+        kind = "an integer" if conv is int else "a number"
+        raise ConfigError(f"{key}={s.value!r} from {s.source} is not {kind}") from None
     if v < minimum:
         raise ConfigError(f"{key}={s.value!r} from {s.source} must be >= {minimum}")
     return v
+
+
+def _as_int(key: str, s: Setting, *, minimum: int = 0) -> int:
+    return _as_number(key, s, int, minimum=minimum)
 
 
 def _as_float(key: str, s: Setting, *, minimum: float = 0.0) -> float:
-    try:
-        v = float(s.value)
-    except ValueError:
-        raise ConfigError(f"{key}={s.value!r} from {s.source} is not a number") from None
-    if v < minimum:
-        raise ConfigError(f"{key}={s.value!r} from {s.source} must be >= {minimum}")
-    return v
+    return _as_number(key, s, float, minimum=minimum)
+
+
+def _env_int(env: Mapping[str, str], name: str, *, minimum: int) -> int:
+    return _as_int(name, Setting(env[name], f"environment variable {name}"), minimum=minimum)
 
 
 def build_model_config(name: str, model_dir: str | Path, settings: Mapping[str, Setting], *,
@@ -293,19 +296,12 @@ def load_server_config(env: Mapping[str, str] | None = None, *, host: str | None
     if port is not None:
         kw["port"] = port
     elif "SAGEMAKER_BIND_TO_PORT" in env:
-        kw["port"] = _as_int("SAGEMAKER_BIND_TO_PORT",
-                             Setting(env["SAGEMAKER_BIND_TO_PORT"],
-                                     "environment variable SAGEMAKER_BIND_TO_PORT"), minimum=1)
+        kw["port"] = _env_int(env, "SAGEMAKER_BIND_TO_PORT", minimum=1)
     if "SAGEMAKER_MAX_REQUEST_SIZE" in env:
-        kw["max_request_size"] = _as_int(
-            "SAGEMAKER_MAX_REQUEST_SIZE", Setting(env["SAGEMAKER_MAX_REQUEST_SIZE"],
-                                                  "environment variable SAGEMAKER_MAX_REQUEST_SIZE"),
-            minimum=1)
+        kw["max_request_size"] = _env_int(env, "SAGEMAKER_MAX_REQUEST_SIZE", minimum=1)
     elif "SAGEMAKER_MAX_PAYLOAD_IN_MB" in env:
-        kw["max_request_size"] = 1024 * 1024 * _as_int(
-            "SAGEMAKER_MAX_PAYLOAD_IN_MB", Setting(env["SAGEMAKER_MAX_PAYLOAD_IN_MB"],
-                                                   "environment variable SAGEMAKER_MAX_PAYLOAD_IN_MB"),
-            minimum=1)
+        kw["max_request_size"] = 1024 * 1024 * _env_int(env, "SAGEMAKER_MAX_PAYLOAD_IN_MB",
+                                                        minimum=1)
     if env.get("LMC_CACHE"):
         kw["cache_dir"] = env["LMC_CACHE"]
     if env.get("LMC_LOG_LEVEL"):

@@ -21,6 +21,7 @@ from engines.registry import get_engine_class
 from engines.types import GenerationResult, SamplingParams, ValidationError
 from handlers.inputs import Input, batch_key
 from handlers.outputs import Output
+from handlers.service import ITEM_CODE_PROPERTY
 
 logger = logging.getLogger(__name__)
 
@@ -90,16 +91,14 @@ class LLMHandler:
             if isinstance(request, ValidationError):
                 n_errors += 1
                 self._add(output, _error_body(request), index, "application/json")
+                if index is not None:  # this item alone is a 400 (see handlers/service.py)
+                    output.add_property(batch_key(index, ITEM_CODE_PROPERTY), "400")
                 continue
             answers = [self._format(next(results)) for _ in request.prompts]
             body = answers if request.is_list else answers[0]
             content_type = "text/plain" if isinstance(body, str) else "application/json"
             self._add(output, body, index, content_type)
 
-        # Output carries one status for the whole batch and handlers.service gives it to every
-        # item, so a per-item 400 cannot be expressed: the status is 400 only when every item
-        # failed validation (always the case for a single bad request); in a mixed batch the bad
-        # items still get the 400 error body, with the batch's 200.
         if n_errors == len(parsed):
             output.set_code(400).set_message("Bad Request")
         return output

@@ -152,6 +152,9 @@ class ModelService:
 # ---- splitting an Output back into per-request results ---------------------------------------
 
 
+ITEM_CODE_PROPERTY = "code"
+
+
 def _split_output(out: Output, n: int) -> list[ItemResult]:
     headers = _split_headers(out.properties, n)
     stream = out.iter_stream()
@@ -173,8 +176,11 @@ def _split_output(out: Output, n: int) -> list[ItemResult]:
         if body is None:
             results.append(error_result(
                 424, "Invalid output", f"handler returned no output for batch item {i}"))
-        else:
-            results.append(ItemResult(out.code, out.message, headers[i], body))
+            continue
+        # LMC extension: property "batch_%03d_code" gives one item of a batch its own status
+        # (e.g. 400 for one bad request among good ones); it is not sent as a header.
+        code = headers[i].pop(ITEM_CODE_PROPERTY, None)
+        results.append(ItemResult(int(code) if code else out.code, out.message, headers[i], body))
     return results
 
 

@@ -3,6 +3,8 @@ random-weight Llama: warm-up, LMI request schema, validation errors, batches, fo
 
 import json
 
+from handlers.service import _split_output
+
 import pytest
 from tiny_models import make_tiny_llama
 
@@ -166,12 +168,16 @@ def test_batch_answers_each_item_and_isolates_bad_ones(handler):
     )
     assert inputs.is_batch()
     out = handler.handle(inputs)
-    # A mixed batch keeps 200 overall (Output has one status); the bad item carries the 400 body.
+    # A mixed batch keeps 200 overall; the bad item alone is marked 400.
     assert out.code == 200
     assert body_of(out, 0) == {"generated_text": greedy_text(handler, "Hello", 4)}
     assert body_of(out, 1)["code"] == 400 and body_of(out, 1)["field"] == "top_p"
     expected = [{"generated_text": greedy_text(handler, p, 5)} for p in ("Once", "upon")]
     assert body_of(out, 2) == expected
+    # Split per request as the worker does: only item 1 is a 400.
+    results = _split_output(out, 3)
+    assert [r.code for r in results] == [200, 400, 200]
+    assert all("code" not in r.headers for r in results)
 
 
 def test_batch_of_only_bad_items_is_400(handler):
@@ -190,7 +196,7 @@ def test_through_model_service(model_dir):
         RequestItem(1, {"Content-Type": "application/json"},
                     [("data", b'{"inputs": "Hello", "parameters": {"max_new_tokens": 0}}')]),
     ])
-    assert [r.code for r in results] == [200, 200]
+    assert [r.code for r in results] == [200, 400]  # the bad request alone is a 400
     assert "generated_text" in json.loads(results[0].body)
     assert json.loads(results[1].body)["field"] == "max_new_tokens"
     assert results[0].headers["content-type"] == "application/json"

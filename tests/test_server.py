@@ -334,3 +334,44 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
         status, body = asyncio.run(run())
         assert status == 200 and body["echo"]["n"] == 1
         assert s.proc.wait(30) == 0
+
+
+def test_model_store_serves_each_folder(tmp_path):
+    store = tmp_path / "store"
+    model_dir(store, "echo")
+    (store / "echo").rename(store / "alpha")
+    model_dir(store, "echo")
+    (store / "echo").rename(store / "beta")
+    with LmcServer(["--model-store", str(store)]) as s:
+        assert set(s.request("GET", "/ping").json()) == {"alpha", "beta"}
+        for name in ("alpha", "beta"):
+            r = s.post(f"/predictions/{name}", {"to": name})
+            assert r.status == 200 and r.json()["echo"] == {"to": name}
+
+
+def test_predict_timeout_gives_504(tmp_path):
+    d = model_dir(tmp_path, "echo", "option.predict_timeout=0.5\n")
+    with LmcServer(["--model-dir", str(d)]) as s:
+        t = time.monotonic()
+        r = s.post("/invocations", {"sleep": 3})
+        assert r.status == 504 and "predict_timeout=0.5" in r.json()["message"]
+        assert time.monotonic() - t < 2
+
+
+def test_client_disconnect_aborts_stream_in_worker(tmp_path):
+    d = model_dir(tmp_path, "echo")
+    with LmcServer(["--model-dir", str(d)]) as s:
+
+        async def run():
+            async with aiohttp.ClientSession() as sess:
+                r = await sess.post(s.url + "/invocations", json={"stream": 100, "delay": 0.05})
+                await r.content.readline()
+                await r.content.readline()
+                r.close()  # the client goes away after 2 of 100 chunks (5 s of work)
+                t = time.monotonic()
+                async with sess.post(s.url + "/invocations", json={"after": 1}) as r2:
+                    assert r2.status == 200
+                return time.monotonic() - t
+
+        # The single worker was freed by the abort, not by finishing the 5 s stream.
+        assert asyncio.run(run()) < 1.5
