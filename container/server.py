@@ -11,14 +11,16 @@ import logging
 import os
 import signal
 import sys
+import time
 import uuid
 from pathlib import Path
 
 from aiohttp import web
 
 from container import errors as E
+from container import invoke, llm_routes, sagemaker_runtime
 from container.config import (ConfigError, ModelSpec, ServerConfig, load_model_config)
-from container.wlm import Model, ModelStatus, StreamEnd, new_request_item, stream_chunks
+from container.wlm import Model, ModelStatus
 
 log = logging.getLogger("lmc.server")
 
@@ -26,10 +28,8 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 # Headers a client may use to name the request; echoed back as x-request-id.
 _REQUEST_ID_HEADERS = ("X-Amzn-SageMaker-Inference-Id", "X-Request-Id")
-# Headers a client may use to pick the model on /invocations.
-_MODEL_HEADERS = ("X-Amzn-SageMaker-Target-Model", "X-Model-Name")
 
-_JSON = "application/json"
+_JSON = invoke.JSON_TYPE
 
 
 class ModelManager:
@@ -37,6 +37,8 @@ class ModelManager:
 
     def __init__(self) -> None:
         self.models: dict[str, Model] = {}
+        # Registration time (unix seconds) by name: OpenAI's /v1/models reports it as `created`.
+        self.created: dict[str, int] = {}
         # True until the startup models (incl. preparing the default model) are registered,
         # so /ping says 503 rather than 200-with-nothing.
         self.starting = True
@@ -67,6 +69,7 @@ class ModelManager:
             raise E.BadRequest(str(e)) from None
         model = Model(cfg)
         self.models[spec.name] = model
+        self.created[spec.name] = int(time.time())
         log.info("registering model %s from %s (batch_size=%d, max_batch_delay=%dms, "
                  "workers=%d..%d)", cfg.name, cfg.model_dir, cfg.batch_size,
                  cfg.max_batch_delay_ms, cfg.min_workers, cfg.max_workers)
@@ -78,6 +81,7 @@ class ModelManager:
     async def unregister(self, name: str) -> None:
         model = self.get(name)
         del self.models[name]
+        self.created.pop(name, None)
         await model.stop()
 
     async def stop_all(self) -> None:
@@ -150,59 +154,12 @@ async def _on_prepare(request: web.Request, response: web.StreamResponse) -> Non
 
 
 async def _invoke(request: web.Request, model: Model) -> web.StreamResponse:
-    try:
-        body = await request.read()
-    except web.HTTPRequestEntityTooLarge as e:
-        raise E.PayloadTooLarge(f"request body is larger than max_request_size "
-                                f"({request.app['server_config'].max_request_size} bytes); "
-                                f"raise SAGEMAKER_MAX_REQUEST_SIZE to accept it") from e
-    content = [("data", body)]
-    for k, v in request.query.items():
-        if k != "model_name":
-            content.append((k, v.encode()))
-    item = new_request_item(dict(request.headers), content)
-    job = model.submit(item)
-    resp = await model.result(job)
-    headers = resp.headers
-    if not resp.stream:
-        if resp.code == 204:
-            return web.Response(status=204, headers=headers)
-        if "content-type" not in {k.lower() for k in headers}:
-            headers = dict(headers)
-            headers["Content-Type"] = (_JSON if resp.body[:1] in (b"{", b"[")
-                                       else "text/plain; charset=utf-8")
-        return web.Response(status=resp.code, body=resp.body, headers=headers)
-
-    out = web.StreamResponse(status=resp.code, headers=headers)
-    out.enable_chunked_encoding()
-    try:
-        await out.prepare(request)
-        if resp.body:
-            await out.write(resp.body)
-        async for chunk in stream_chunks(job):
-            if isinstance(chunk, StreamEnd):
-                if chunk.error is not None:
-                    await out.write(json.dumps({"finish_reason": "error",
-                                                "error": chunk.error}).encode() + b"\n")
-                break
-            await out.write(chunk)
-        await out.write_eof()
-    except (ConnectionResetError, asyncio.CancelledError):
-        model.abort(job)
-        raise
-    return out
+    inv = await invoke.submit(request, model, dict(request.headers))
+    return await invoke.respond(request, inv)
 
 
 async def invocations(request: web.Request) -> web.StreamResponse:
-    mgr: ModelManager = request.app["models"]
-    name = request.query.get("model_name")
-    if name is None:
-        for h in _MODEL_HEADERS:
-            name = request.headers.get(h)
-            if name:
-                break
-    model = mgr.get(name) if name else mgr.default()
-    return await _invoke(request, model)
+    return await _invoke(request, invoke.select_model(request))
 
 
 async def predictions(request: web.Request) -> web.StreamResponse:
@@ -304,6 +261,8 @@ def build_app(server_config: ServerConfig, manager: ModelManager | None = None) 
     r.add_get("/models/{model}", describe_model)
     r.add_put("/models/{model}", scale_model)
     r.add_delete("/models/{model}", unregister_model)
+    llm_routes.add_routes(r)
+    sagemaker_runtime.add_routes(r)
     return app
 
 

@@ -6,6 +6,7 @@ reach a worker, and handlers import it without loading an engine.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import Enum
@@ -31,6 +32,8 @@ class ValidationError(ValueError):
 
 # Seeds go to torch.Generator.manual_seed, which takes an unsigned 64-bit value.
 _MAX_SEED = 2**64 - 1
+# Each step's top tokens travel in every streamed line; TGI caps them at a small number too.
+MAX_TOP_N_TOKENS = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,14 +46,24 @@ class SamplingParams:
     """
 
     max_new_tokens: int = 30
+    min_new_tokens: int = 0  # EOS and stop sequences are ignored before this many tokens
     do_sample: bool = False
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    min_p: float = 0.0  # drop tokens with p < min_p * p(top token); 0 disables
+    typical_p: float = 1.0  # locally typical sampling mass; 1 disables
+    repetition_penalty: float = 1.0  # CTRL-style, over prompt + generated tokens; 1 disables
+    presence_penalty: float = 0.0  # OpenAI-style, over generated tokens; 0 disables
+    frequency_penalty: float = 0.0  # OpenAI-style, over generated tokens; 0 disables
     seed: int | None = None
-    # Generation stops once the text contains one of these; the text keeps the stop sequence,
-    # as TGI returns it.
+    # Generation stops when the text contains one of these; the returned text ends before it
+    # (LMI), finish reason "stop_sequence".
     stop_sequences: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()  # extra ids that end generation like EOS
+    ignore_eos_token: bool = False
+    top_n_tokens: int = 0  # also return the n most likely tokens (with log-probs) per step
+    decoder_input_details: bool = False  # also return the prompt tokens' log-probs (prefill)
 
     def __post_init__(self) -> None:
         _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
@@ -78,6 +91,43 @@ class SamplingParams:
         ):
             raise ValidationError(
                 "stop_sequences", "stop_sequences must be a list of non-empty strings"
+            )
+        _check_int("min_new_tokens", self.min_new_tokens, minimum=0)
+        if self.min_new_tokens > self.max_new_tokens:
+            raise ValidationError(
+                "min_new_tokens",
+                f"min_new_tokens must be <= max_new_tokens ({self.max_new_tokens}), "
+                f"got {self.min_new_tokens}",
+            )
+        _check_range("min_p", self.min_p, low=0, high=1, hint=" (0 disables min-p)")
+        _check_range(
+            "typical_p", self.typical_p, low=0, high=1, low_open=True, hint=" (1 disables it)"
+        )
+        _check_number("repetition_penalty", self.repetition_penalty)
+        if not self.repetition_penalty > 0:
+            raise ValidationError(
+                "repetition_penalty",
+                f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}",
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            _check_range(name, getattr(self, name), low=-2, high=2, hint=" (0 disables it)")
+        if not isinstance(self.stop_token_ids, tuple) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in self.stop_token_ids
+        ):
+            raise ValidationError(
+                "stop_token_ids",
+                f"stop_token_ids must be a list of token ids (integers >= 0), "
+                f"got {self.stop_token_ids!r}",
+            )
+        for name in ("ignore_eos_token", "decoder_input_details"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise ValidationError(name, f"{name} must be true or false, got {value!r}")
+        _check_int("top_n_tokens", self.top_n_tokens, minimum=0, hint=" (0 disables it)")
+        if self.top_n_tokens > MAX_TOP_N_TOKENS:
+            raise ValidationError(
+                "top_n_tokens",
+                f"top_n_tokens must be <= {MAX_TOP_N_TOKENS}, got {self.top_n_tokens}",
             )
 
     @property
@@ -108,9 +158,18 @@ class SamplingParams:
         stops = values.get("stop_sequences")
         if stops is not None:
             # LMI accepts a single string as well as a list.
-            values["stop_sequences"] = (stops,) if isinstance(stops, str) else _as_tuple(stops)
+            values["stop_sequences"] = (
+                (stops,)
+                if isinstance(stops, str)
+                else _as_tuple(stops, "stop_sequences", "a string or a list of strings")
+            )
         else:
             values.pop("stop_sequences", None)
+        stop_ids = values.get("stop_token_ids")
+        if stop_ids is not None:
+            values["stop_token_ids"] = _as_tuple(stop_ids, "stop_token_ids", "a list of integers")
+        else:
+            values.pop("stop_token_ids", None)
         return cls(**values)
 
 
@@ -118,14 +177,48 @@ ACCEPTED_PARAMETERS = frozenset(f.name for f in fields(SamplingParams))
 
 
 @dataclass(frozen=True, slots=True)
+class Token:
+    """One token with its log-probability under the distribution it was drawn from (the
+    log-softmax of the processed logits, i.e. after temperature/penalties; for greedy, of the
+    raw logits). `log_prob` is None only for the first prompt token in `prefill`."""
+
+    id: int
+    text: str
+    log_prob: float | None
+    special: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class TokenEvent:
+    """One step of one request while streaming.
+
+    `text` is what to append to the output now: the token's text, except that text that might
+    start a stop sequence is held back (""), an incomplete UTF-8 character is held back until it
+    completes, and a final event is cut before a stop sequence. Concatenating `text` over all
+    events gives exactly `GenerationResult.text`. `finish_reason` is set on the last event of the
+    request, and only there."""
+
+    index: int  # position of the request in the batch given to generate_stream
+    token: Token
+    text: str
+    top_tokens: tuple[Token, ...] = ()  # top_n_tokens most likely, best first
+    finish_reason: FinishReason | None = None
+    prefill: tuple[Token, ...] | None = None  # on the first event only, if decoder_input_details
+
+
+@dataclass(frozen=True, slots=True)
 class GenerationResult:
     """One finished sequence. `token_ids` are the generated ids (the EOS id included when the
-    sequence ended on it); `text` is their decoding without special tokens."""
+    sequence ended on it); `text` is the output text (special tokens skipped, cut before a stop
+    sequence)."""
 
     text: str
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason = FinishReason.LENGTH
     prompt_tokens: int = 0
+    tokens: list[Token] = field(default_factory=list)  # one per generated token
+    top_tokens: list[tuple[Token, ...]] = field(default_factory=list)  # if top_n_tokens > 0
+    prefill: list[Token] | None = None  # if decoder_input_details
 
     @property
     def generated_tokens(self) -> int:
@@ -143,11 +236,29 @@ def _check_int(name: str, value: object, *, minimum: int, hint: str = "") -> Non
 def _check_number(name: str, value: object) -> None:
     if not isinstance(value, (int, float)) or isinstance(value, bool):
         raise ValidationError(name, f"{name} must be a number, got {value!r}")
+    # NaN passes every `<` check and would reach the sampler as NaN logits.
+    if not math.isfinite(value):
+        raise ValidationError(name, f"{name} must be a finite number, got {value!r}")
 
 
-def _as_tuple(value: object) -> tuple[Any, ...]:
+def _check_range(
+    name: str,
+    value: object,
+    *,
+    low: float,
+    high: float,
+    low_open: bool = False,
+    hint: str = "",
+) -> None:
+    _check_number(name, value)
+    assert isinstance(value, (int, float))
+    too_low = not (value > low) if low_open else not (value >= low)
+    if too_low or not value <= high:
+        interval = f"{'(' if low_open else '['}{low:g}, {high:g}]"
+        raise ValidationError(name, f"{name} must be in {interval}{hint}, got {value}")
+
+
+def _as_tuple(value: object, name: str, expected: str) -> tuple[Any, ...]:
     if isinstance(value, (list, tuple)):
         return tuple(value)
-    raise ValidationError(
-        "stop_sequences", f"stop_sequences must be a string or a list of strings, got {value!r}"
-    )
+    raise ValidationError(name, f"{name} must be {expected}, got {value!r}")

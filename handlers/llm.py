@@ -1,25 +1,53 @@
-"""The default LLM handler: LMI's text-generation schema over an engine from the registry.
+"""The default LLM handler: LMI's text-generation schema (plus OpenAI and TGI routes) over an
+engine from the registry.
 
-Request  `{"inputs": str | [str], "parameters": {...}}` (DESIGN.md §5);
-response `{"generated_text": str}`, or a list of those for a list input.
+One call to `handle` is one dynamic batch: every valid non-streaming request's prompts go to the
+engine as a single `generate` call; an invalid request gets a 400 body (per-item status, see
+handlers/service.py) and does not stop the others. A streaming request must come alone (the
+default batch_size is 1) and is answered with a generator over `engine.generate_stream`.
 
-One call to `handle` is one dynamic batch: every valid request's prompts go to the engine as a
-single `generate` call; an invalid request gets a 400 body and does not stop the others.
+Request parsing lives in handlers/llm_schema.py, response shapes in handlers/llm_formats.py.
+
+Which shape a response takes:
+  X-LMC-API openai.completions / openai.chat  OpenAI bodies and SSE chunks (+ data: [DONE])
+  X-LMC-API tgi.*                             TGI /generate body, TGI SSE
+  none (LMI), body with "messages"            chat.completion; streamed: jsonlines_chat
+                                              (sse_chat when option.output_formatter says so)
+  none (LMI), body with "inputs"              option.output_formatter:
+      json (default)  {"generated_text", "details"?}; a list for a list input; with
+                      option.tgi_compat the body is wrapped in a list. Streamed: jsonlines
+      jsonlines       same, streamed as jsonlines
+      sse             streamed as TGI SSE (also what tgi_compat streams)
+      json_chat | jsonlines_chat | sse_chat   chat.completion shapes for plain inputs too
+      none            the bare generated text (text/plain), streamed as raw text
+      anything else   a custom formatter: "module:function", or a function name in the model
+                      dir's model.py (as is an @output_formatter function in model.py)
+
+Custom output formatters (LMI's vLLM-style contract, `fn(response: dict) -> dict | str`): on a
+non-streamed LMI response the formatter gets each per-input dict ({"generated_text", "details"?},
+or the chat.completion dict) and its result is sent instead (str as text, else JSON); on a
+stream it gets each line's dict and returns the item to send (str/bytes as-is, else framed as the
+stream's JSON line or SSE event). OpenAI and TGI routes keep their fixed shapes, since their
+clients parse them.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import inspect
 import json
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import dataclass
+import sys
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from engines.registry import get_engine_class
-from engines.types import GenerationResult, SamplingParams, ValidationError
+from engines.types import GenerationResult, SamplingParams, TokenEvent, ValidationError
+from handlers import llm_formats as fmt
 from handlers.inputs import Input, batch_key
+from handlers.llm_schema import API_PROPERTY, Api, LLMRequest, parse_request
 from handlers.outputs import Output
 from handlers.service import ITEM_CODE_PROPERTY
 
@@ -27,19 +55,13 @@ logger = logging.getLogger(__name__)
 
 # The only engine wired in so far; option.rolling_batch will choose among more.
 DEFAULT_ENGINE = "hf"
-ACCEPTED_REQUEST_KEYS = ("inputs", "parameters", "stream")
+
+BUILTIN_OUTPUT_FORMATS = frozenset(
+    {"json", "jsonlines", "sse", "json_chat", "jsonlines_chat", "sse_chat", "none"})
+_TRUE = frozenset({"true", "1", "yes"})
 
 InputFormatter = Callable[..., Any]
-OutputFormatter = Callable[[dict[str, Any]], Any]
-
-
-@dataclass(frozen=True, slots=True)
-class _Request:
-    """One validated request: its prompts and whether the client sent a list."""
-
-    prompts: list[str]
-    params: SamplingParams
-    is_list: bool
+OutputFormatter = Callable[[Any], Any]
 
 
 class LLMHandler:
@@ -47,8 +69,7 @@ class LLMHandler:
 
     input_formatter: LMI's custom input formatter, called as `fn(decoded_payload)` (plus
         `tokenizer=` when it accepts it) for each request; returns the request object.
-    output_formatter: called on each `{"generated_text": ...}` dict; returns what is sent
-        (a str is sent as-is, anything else as JSON).
+    output_formatter: a custom output formatter (see the module docstring).
     """
 
     def __init__(
@@ -58,6 +79,9 @@ class LLMHandler:
     ) -> None:
         self.input_formatter = input_formatter
         self.output_formatter = output_formatter
+        self.output_format = "json"
+        self.tgi_compat = False
+        self.model_name = "model"
         self.engine: Any = None
 
     # ------------------------------------------------------------------------------------------
@@ -67,22 +91,30 @@ class LLMHandler:
     def handle(self, inputs: Input) -> Output | None:
         if self.engine is None:
             # DJL's warm-up call carries the init properties (and no content): load the model.
-            self.engine = self._load_engine(inputs.get_properties())
+            properties = inputs.get_properties()
+            self._configure(properties)
+            self.engine = self._load_engine(properties)
         if inputs.is_empty():
             return None  # the warm-up itself, or a keep-alive; LMI answers both with nothing
 
         items = inputs.get_batches()
-        parsed: list[_Request | ValidationError] = []
+        parsed: list[LLMRequest | ValidationError] = []
         for item in items:
             try:
-                parsed.append(self._parse(item))
+                request = self._parse(item)
+                if request.stream and inputs.is_batch():
+                    raise ValidationError(
+                        "stream", "streaming needs batch_size=1 for this model (a stream cannot "
+                        "share a dynamic batch); set batch_size=1 or send stream=false")
+                parsed.append(request)
             except ValidationError as exc:
                 parsed.append(exc)
 
-        valid = [p for p in parsed if isinstance(p, _Request)]
-        prompts = [prompt for request in valid for prompt in request.prompts]
-        params = [request.params for request in valid for _ in request.prompts]
-        results = iter(self.engine.generate(prompts, params) if prompts else [])
+        if not inputs.is_batch() and isinstance(parsed[0], LLMRequest) and parsed[0].stream:
+            return self._stream_output(parsed[0])
+
+        valid = [p for p in parsed if isinstance(p, LLMRequest)]
+        groups = iter(self._generate(valid))
 
         output = Output()
         n_errors = 0
@@ -90,13 +122,13 @@ class LLMHandler:
             index = i if inputs.is_batch() else None
             if isinstance(request, ValidationError):
                 n_errors += 1
-                self._add(output, _error_body(request), index, "application/json")
+                self._add(output, _error_body(request), index, fmt.JSON)
                 if index is not None:  # this item alone is a 400 (see handlers/service.py)
                     output.add_property(batch_key(index, ITEM_CODE_PROPERTY), "400")
                 continue
-            answers = [self._format(next(results)) for _ in request.prompts]
-            body = answers if request.is_list else answers[0]
-            content_type = "text/plain" if isinstance(body, str) else "application/json"
+            request_groups = [next(groups) for _ in request.prompts]
+            body = self._format(request, request_groups)
+            content_type = fmt.TEXT if isinstance(body, str) else fmt.JSON
             self._add(output, body, index, content_type)
 
         if n_errors == len(parsed):
@@ -106,6 +138,17 @@ class LLMHandler:
     # ------------------------------------------------------------------------------------------
     # Loading
     # ------------------------------------------------------------------------------------------
+
+    def _configure(self, properties: dict[str, str]) -> None:
+        name = (properties.get("output_formatter") or "json").strip()
+        if name in BUILTIN_OUTPUT_FORMATS:
+            self.output_format = name
+        else:
+            # A custom function named in serving.properties wins over a decorated one.
+            self.output_formatter = _load_function(name, properties.get("model_dir"))
+        self.tgi_compat = (properties.get("tgi_compat") or "").strip().lower() in _TRUE
+        model_id = properties.get("model_id") or properties.get("model_dir") or "model"
+        self.model_name = os.path.basename(model_id.rstrip("/")) or model_id
 
     def _load_engine(self, properties: dict[str, str]) -> Any:
         model_dir = _resolve_model_dir(properties)
@@ -118,40 +161,16 @@ class LLMHandler:
     # Requests
     # ------------------------------------------------------------------------------------------
 
-    def _parse(self, item: Input) -> _Request:
+    def _parse(self, item: Input) -> LLMRequest:
+        raw_api = item.get_property(API_PROPERTY)
+        try:
+            api = Api(raw_api) if raw_api else Api.LMI
+        except ValueError:
+            raise ValidationError(API_PROPERTY, f"unknown API {raw_api!r}") from None
         payload = _decode_body(item)
-        if self.input_formatter is not None:
+        if self.input_formatter is not None and api is Api.LMI:
             payload = self._call_input_formatter(payload)
-        if not isinstance(payload, dict):
-            raise ValidationError(
-                "inputs",
-                f'the request must be a JSON object like {{"inputs": "text"}}, '
-                f"got {type(payload).__name__}",
-            )
-        unknown = sorted(set(payload) - set(ACCEPTED_REQUEST_KEYS))
-        if unknown:
-            raise ValidationError(
-                unknown[0],
-                f"unknown request field(s) {', '.join(map(repr, unknown))}; accepted fields: "
-                f"{', '.join(ACCEPTED_REQUEST_KEYS)} (generation options go under 'parameters')",
-            )
-        if payload.get("stream", False) not in (False, None):
-            # Streaming arrives with the LMI schema work; refusing is better than buffering.
-            raise ValidationError("stream", "stream=true is not supported yet; omit 'stream'")
-
-        prompts, is_list = _parse_inputs(payload.get("inputs"))
-        params = SamplingParams.from_request(payload.get("parameters"))
-        limit = self.engine.max_context
-        for i, prompt in enumerate(prompts):
-            n_tokens = self.engine.count_tokens(prompt)
-            if n_tokens >= limit:
-                where = f"inputs[{i}]" if is_list else "inputs"
-                raise ValidationError(
-                    where,
-                    f"{where} has {n_tokens} tokens but the model's context holds {limit} "
-                    "(prompt + generated tokens); shorten the input",
-                )
-        return _Request(prompts=prompts, params=params, is_list=is_list)
+        return parse_request(payload, api, self.engine)
 
     def _call_input_formatter(self, payload: Any) -> Any:
         assert self.input_formatter is not None
@@ -164,11 +183,122 @@ class LLMHandler:
             return self.input_formatter(payload, tokenizer=self.engine.tokenizer)
         return self.input_formatter(payload)
 
-    def _format(self, result: GenerationResult) -> Any:
-        answer: dict[str, Any] = {"generated_text": result.text}
+    # ------------------------------------------------------------------------------------------
+    # Generation
+    # ------------------------------------------------------------------------------------------
+
+    def _generate(self, requests: list[LLMRequest]) -> list[list[GenerationResult]]:
+        """One engine call for the whole batch; one group of results per prompt, best first."""
+        prompts: list[str | list[int]] = []
+        params: list[SamplingParams] = []
+        sizes: list[int] = []
+        for request in requests:
+            samples = request.sample_params()
+            for prompt in request.engine_prompts:
+                prompts.extend([prompt] * len(samples))
+                params.extend(samples)
+                sizes.append(len(samples))
+        results = self.engine.generate(prompts, params) if prompts else []
+        groups: list[list[GenerationResult]] = []
+        start = 0
+        for size in sizes:
+            group = results[start:start + size]
+            start += size
+            if size > 1:
+                group = sorted(group, key=fmt.cumulative_log_prob, reverse=True)
+            groups.append(group)
+        return groups
+
+    def _format(self, request: LLMRequest, groups: list[list[GenerationResult]]) -> Any:
+        api = request.api
+        if api is Api.OPENAI_COMPLETIONS:
+            return fmt.openai_completion(request, groups, self._meta(request, chat=False))
+        if api is Api.OPENAI_CHAT:
+            return fmt.openai_chat(request, groups, self._meta(request, chat=True))
+        if api.is_tgi:
+            return fmt.tgi_response(request, 0, groups[0])
+        if request.chat or self.output_format.endswith("_chat"):
+            bodies = [self._custom(fmt.openai_chat(request, [g], self._meta(request, chat=True)))
+                      for g in groups]
+        elif self.output_format == "none":
+            bodies = [_full_text(request, i, g[0]) for i, g in enumerate(groups)]
+        else:
+            bodies = [self._custom(fmt.lmi_response(request, i, g)) for i, g in enumerate(groups)]
+        if request.is_list:
+            return bodies
+        body = bodies[0]
+        # tgi_compat: TGI's json answer is a list even for one input.
+        return [body] if self.tgi_compat and not isinstance(body, str) else body
+
+    def _custom(self, body: dict[str, Any]) -> Any:
+        return self.output_formatter(body) if self.output_formatter is not None else body
+
+    def _meta(self, request: LLMRequest, *, chat: bool) -> fmt.OpenAIMeta:
+        return fmt.OpenAIMeta.new(chat=chat, model=request.model or self.model_name)
+
+    # ------------------------------------------------------------------------------------------
+    # Streaming
+    # ------------------------------------------------------------------------------------------
+
+    def _stream_format(self, request: LLMRequest) -> fmt.StreamFormat:
+        api = request.api
+        if api is Api.OPENAI_COMPLETIONS:
+            return fmt.OpenAICompletionStream(request, self._meta(request, chat=False))
+        if api is Api.OPENAI_CHAT:
+            return fmt.OpenAIChatStream(request, self._meta(request, chat=True))
+        if api.is_tgi:
+            return fmt.TgiSSE(request)
+        name = self.output_format
+        stream: fmt.StreamFormat
+        if request.chat or name.endswith("_chat"):
+            sse = name in ("sse", "sse_chat")
+            stream = fmt.OpenAIChatStream(request, self._meta(request, chat=True), sse=sse)
+        elif name == "none":
+            return fmt.RawText(request)
+        elif name == "sse" or self.tgi_compat:
+            stream = fmt.TgiSSE(request)
+        else:
+            stream = fmt.LmiJsonlines(request)
         if self.output_formatter is not None:
-            return self.output_formatter(answer)
-        return answer
+            stream = fmt.with_custom_formatter(stream, self.output_formatter)
+        return stream
+
+    def _stream_output(self, request: LLMRequest) -> Output:
+        stream = self._stream_format(request)
+        output = Output()
+        output.add_property("content-type", stream.content_type)
+        samples = request.sample_params()  # best_of == n when streaming (llm_schema checks)
+        prompts = [p for p in request.engine_prompts for _ in samples]
+        params = samples * len(request.engine_prompts)
+        stream.states = [
+            fmt.SequenceState(index=i, prompt_index=i // len(samples), choice=i)
+            for i in range(len(prompts))
+        ]
+        # Called here, not in the generator: the engine rejects bad inputs before the first
+        # step, and that should be an error status, not a 200 stream that says "error".
+        steps = self.engine.generate_stream(prompts, params)
+        output.add_stream_content(self._stream(stream, steps))
+        return output
+
+    def _stream(self, stream: fmt.StreamFormat,
+                steps: Iterator[list[TokenEvent]]) -> Iterator[bytes]:
+        for item in stream.start():
+            yield stream.encode(item)
+        try:
+            for step in steps:
+                for event in step:
+                    state = stream.states[event.index]
+                    state.add(event)
+                    for item in stream.token(state, event):
+                        yield stream.encode(item)
+        except Exception as exc:
+            # Headers (200) are gone already: the stream itself must say it failed.
+            logger.exception("generation failed mid-stream")
+            for item in stream.error(f"{type(exc).__name__}: {exc}"):
+                yield stream.frame(item)
+            return
+        for item in stream.end():
+            yield stream.encode(item)
 
     @staticmethod
     def _add(output: Output, body: Any, index: int | None, content_type: str) -> None:
@@ -178,6 +308,37 @@ class LLMHandler:
             output.add_as_json(body, batch_index=index)
         key = "content-type" if index is None else batch_key(index, "content-type")
         output.add_property(key, content_type)
+
+
+def _full_text(request: LLMRequest, index: int, result: GenerationResult) -> str:
+    return request.prompts[index] + result.text if request.return_full_text else result.text
+
+
+def _load_function(name: str, model_dir: str | None) -> Callable[..., Any]:
+    """option.output_formatter naming a function: "module:function", or a function of the
+    model dir's model.py."""
+    module_name, sep, attr = name.partition(":")
+    if sep:
+        if model_dir and os.path.abspath(model_dir) not in sys.path:
+            sys.path.insert(0, os.path.abspath(model_dir))
+        module = importlib.import_module(module_name)
+    else:
+        attr = name
+        path = os.path.join(model_dir or ".", "model.py")
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"option.output_formatter={name} is not one of "
+                f"{', '.join(sorted(BUILTIN_OUTPUT_FORMATS))} and there is no {path} to find a "
+                "function of that name in; use a built-in name or module:function")
+        spec = importlib.util.spec_from_file_location(f"lmc_output_formatter_{id(path)}", path)
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    function = getattr(module, attr, None)
+    if not callable(function):
+        raise ValueError(f"option.output_formatter={name}: {module.__name__} has no function "
+                         f"{attr!r}")
+    return function
 
 
 def _resolve_model_dir(properties: dict[str, str]) -> str:
@@ -218,28 +379,6 @@ def _decode_body(item: Input) -> Any:
             f'the body is not valid JSON ({exc}); send {{"inputs": "text", "parameters": {{}}}} '
             "or use Content-Type: text/plain",
         ) from exc
-
-
-def _parse_inputs(value: Any) -> tuple[list[str], bool]:
-    """(prompts, whether the client sent a list)."""
-    if isinstance(value, str):
-        if not value:
-            raise ValidationError("inputs", "inputs must be a non-empty string")
-        return [value], False
-    if isinstance(value, list):
-        if not value:
-            raise ValidationError("inputs", "inputs must be a non-empty list of strings")
-        for i, prompt in enumerate(value):
-            if not isinstance(prompt, str) or not prompt:
-                raise ValidationError(
-                    f"inputs[{i}]", f"inputs[{i}] must be a non-empty string, got {prompt!r}"
-                )
-        return list(value), True
-    if value is None:
-        raise ValidationError("inputs", 'the request has no "inputs"; send {"inputs": "text"}')
-    raise ValidationError(
-        "inputs", f"inputs must be a string or a list of strings, got {type(value).__name__}"
-    )
 
 
 def _error_body(error: ValidationError) -> dict[str, Any]:

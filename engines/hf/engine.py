@@ -1,23 +1,35 @@
 """The `hf` engine: any transformers causal LM, one static batch per call.
 
-Requests in a call run as one left-padded batch; each row keeps its own sampling parameters and
-its own seeded generator, so one request's result does not depend on what it was batched with
-(up to float noise from padding). The decode loop is ours rather than `model.generate` so that
-per-request seeds, per-request lengths and (later) streaming and log-probs need no global RNG
-state or generate() hooks; greedy output still equals `model.generate` token for token.
+Requests in a call run as one left-padded batch with a KV cache carried across steps; each row
+keeps its own sampling parameters and its own seeded generator, so one request's result does not
+depend on what it was batched with (up to float noise from padding). The decode loop is ours
+rather than `model.generate` so that per-request seeds, lengths, stop rules, streaming and
+log-probs need no global RNG state or generate() hooks; greedy output still equals
+`model.generate` token for token.
+
+`generate_stream` is the loop; `generate` collects its events.
 """
 
 from __future__ import annotations
 
 import os
-import secrets
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from engines.types import FinishReason, GenerationResult, SamplingParams
+from engines.hf.detokenizer import TextStream
+from engines.hf.sampling import BatchSampler
+from engines.types import (
+    FinishReason,
+    GenerationResult,
+    SamplingParams,
+    Token,
+    TokenEvent,
+    ValidationError,
+)
 
 _DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
@@ -28,19 +40,21 @@ DTYPE_CHOICES = ("auto", *_DTYPES)
 
 # Tokenizers without a real limit report this sentinel (int(1e30)) as model_max_length.
 _NO_TOKENIZER_LIMIT = 10**9
+_DROP = True
 
 
 @dataclass(slots=True)
 class _Row:
     """One request's decode state inside a batch."""
 
+    index: int  # position in the caller's list
     prompt_ids: list[int]
     params: SamplingParams
     max_new_tokens: int  # params.max_new_tokens, clipped so prompt + output fits the context
-    generator: torch.Generator | None
+    stop_ids: frozenset[int]  # generating one of these ends the request (EOS, stop_token_ids)
+    text: TextStream
     output_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
-    text: str | None = None  # set when a stop sequence cut the text
 
 
 class HFEngine:
@@ -66,6 +80,9 @@ class HFEngine:
         self.dtype: torch.dtype = self.model.dtype
 
         self.eos_token_ids = self._eos_token_ids()
+        self.vocab_size: int = self.model.get_input_embeddings().num_embeddings
+        self._special_ids = frozenset(self.tokenizer.all_special_ids)
+        self._token_texts: dict[int, str] = {}
         # Padding only fills masked slots, so any id works; EOS is the usual choice when the
         # tokenizer has no pad token.
         pad = self.tokenizer.pad_token_id
@@ -111,57 +128,225 @@ class HFEngine:
     # Generation
     # ------------------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def generate(
-        self, prompts: list[str], params: list[SamplingParams]
+        self, prompts: list[str | list[int]], params: list[SamplingParams]
     ) -> list[GenerationResult]:
         """Generate for all prompts as one batch; results in the order of `prompts`."""
-        if len(prompts) != len(params):
-            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        if not prompts:
-            return []
-        rows = [self._new_row(prompt, p) for prompt, p in zip(prompts, params)]
+        rows = self._new_rows(prompts, params)
+        tokens: list[list[Token]] = [[] for _ in rows]
+        top_tokens: list[list[tuple[Token, ...]]] = [[] for _ in rows]
+        texts = [""] * len(rows)
+        prefills: list[list[Token] | None] = [None] * len(rows)
+        for events in self._run(rows):
+            for event in events:
+                i = event.index
+                tokens[i].append(event.token)
+                texts[i] += event.text
+                if rows[i].params.top_n_tokens:
+                    top_tokens[i].append(event.top_tokens)
+                if event.prefill is not None:
+                    prefills[i] = list(event.prefill)
+        results = []
+        for i, row in enumerate(rows):
+            assert row.finish_reason is not None, "the decode loop ended with a live row"
+            results.append(
+                GenerationResult(
+                    text=texts[i],
+                    token_ids=[t.id for t in tokens[i]],
+                    finish_reason=row.finish_reason,
+                    prompt_tokens=len(row.prompt_ids),
+                    tokens=tokens[i],
+                    top_tokens=top_tokens[i],
+                    prefill=prefills[i],
+                )
+            )
+        return results
 
+    def generate_stream(
+        self, prompts: list[str | list[int]], params: list[SamplingParams]
+    ) -> Iterator[list[TokenEvent]]:
+        """Generate for all prompts as one batch, yielding after every decode step the events of
+        that step: one per request still running, in batch order.
+
+        Bad inputs raise here, before the first step; the iterator only runs the model.
+        """
+        return self._run(self._new_rows(prompts, params))
+
+    # ---- the decode loop ------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _run(self, rows: list[_Row]) -> Iterator[list[TokenEvent]]:
+        if not rows:
+            return
         input_ids, attention_mask = self._left_pad([row.prompt_ids for row in rows])
         # Positions count real tokens only, so a left-padded row sees the same positions as it
         # would alone; pad slots get 0 (any value works, they are masked).
         position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # [B, S]
-        logits, cache = self._forward(input_ids, attention_mask, position_ids, cache=None)
+        want_prefill = any(row.params.decoder_input_details for row in rows)
+        # Prompt log-probs need the logits of every prompt position; otherwise only the last
+        # position is sampled and the [B, S, V] projection is skipped.
+        logits, cache = self._forward(
+            input_ids, attention_mask, position_ids, cache=None, all_positions=want_prefill
+        )  # [B, S or 1, V]
+        prefills = [
+            self._prefill(row, logits[i], input_ids.shape[1]) if row.params.decoder_input_details
+            else None
+            for i, row in enumerate(rows)
+        ]  # fmt: skip
+        logits = logits[:, -1, :]  # [B, V]
+        sampler = BatchSampler(
+            [row.params for row in rows],
+            [row.prompt_ids for row in rows],
+            [row.stop_ids for row in rows],
+            vocab_size=logits.shape[-1],
+            device=self.device,
+        )
 
+        live = rows  # the rows still in the batch, in batch order
         while True:
-            next_ids = self._sample(logits, rows)  # [B]
-            if self._append(rows, next_ids.tolist()):
-                break
+            step = sampler.step(logits)
+            events = [
+                self._advance(row, token_id, log_prob, top, prefills[row.index])
+                for row, token_id, log_prob, top in zip(
+                    live, step.token_ids, step.log_probs, step.top
+                )
+            ]
+            yield events
+            keep = [i for i, row in enumerate(live) if row.finish_reason is None]
+            if not keep:
+                return
+            next_ids = torch.tensor(step.token_ids, device=self.device)[:, None]  # [B, 1]
+            if len(keep) < len(live) and _DROP:
+                # Finished rows leave the batch: later steps cost what the live rows need. The
+                # cache's beam-search reorder is a row selection every cache type implements.
+                index = torch.tensor(keep, device=self.device)
+                cache.reorder_cache(index)
+                attention_mask, position_ids, next_ids = (
+                    attention_mask[index], position_ids[index], next_ids[index]
+                )  # fmt: skip
+                sampler.keep(keep)
+                live = [live[i] for i in keep]
             attention_mask = torch.cat(
-                [attention_mask, attention_mask.new_ones((len(rows), 1))], dim=1
+                [attention_mask, attention_mask.new_ones((len(live), 1))], dim=1
             )  # [B, S + step]
             position_ids = position_ids[:, -1:] + 1  # [B, 1]
-            logits, cache = self._forward(
-                next_ids[:, None], attention_mask, position_ids, cache=cache
-            )
+            logits, cache = self._forward(next_ids, attention_mask, position_ids, cache=cache)
+            logits = logits[:, -1, :]  # [B, V]
 
-        return [self._result(row) for row in rows]
+    def _advance(
+        self,
+        row: _Row,
+        token_id: int,
+        log_prob: float,
+        top: list[tuple[int, float]],
+        prefill: tuple[Token, ...] | None,
+    ) -> TokenEvent:
+        """Record one generated token; return its event, with the finish reason if it ended the
+        request."""
+        first = not row.output_ids
+        row.output_ids.append(token_id)
+        generated = len(row.output_ids)
+        # Stop ids are masked before min_new_tokens; the count check also covers a row whose
+        # every other logit was -inf.
+        stop_id = token_id in row.stop_ids and generated > row.params.min_new_tokens
+        full = generated >= row.max_new_tokens
+        text, stopped = row.text.push(row.output_ids, final=stop_id or full)
+        if stopped:
+            row.finish_reason = FinishReason.STOP_SEQUENCE
+        elif stop_id:
+            row.finish_reason = FinishReason.EOS_TOKEN
+        elif full:
+            row.finish_reason = FinishReason.LENGTH
+        return TokenEvent(
+            index=row.index,
+            token=self._token(token_id, log_prob),
+            text=text,
+            top_tokens=tuple(self._token(t, lp) for t, lp in top),
+            finish_reason=row.finish_reason,
+            prefill=prefill if first else None,
+        )
 
-    def _new_row(self, prompt: str, params: SamplingParams) -> _Row:
-        prompt_ids = self.encode(prompt)
+    def _prefill(self, row: _Row, logits: torch.Tensor, width: int) -> tuple[Token, ...]:
+        """Each prompt token with its log-prob given the tokens before it. logits: [S, V], the
+        row's prefill logits (left padded to `width`)."""
+        ids = row.prompt_ids
+        start = width - len(ids)
+        # The logits at position j predict token j + 1; the first token has no prediction.
+        predicting = logits[start : width - 1].float().log_softmax(dim=-1)  # [L - 1, V]
+        targets = torch.tensor(ids[1:], device=predicting.device)[:, None]  # [L - 1, 1]
+        log_probs = predicting.gather(1, targets)[:, 0].tolist()  # [L - 1]
+        return (
+            self._token(ids[0], None),
+            *(self._token(t, lp) for t, lp in zip(ids[1:], log_probs)),
+        )
+
+    def _forward(
+        self,
+        input_ids: torch.Tensor,  # [B, T]
+        attention_mask: torch.Tensor,  # [B, S_past + T]
+        position_ids: torch.Tensor,  # [B, T]
+        *,
+        cache: Any,
+        all_positions: bool = False,
+    ) -> tuple[torch.Tensor, Any]:
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            logits_to_keep=0 if all_positions else 1,  # 0 keeps all
+        )
+        return out.logits, out.past_key_values  # [B, T or 1, V]
+
+    # ---- requests -------------------------------------------------------------------------------
+
+    def _new_rows(self, prompts: list[str | list[int]], params: list[SamplingParams]) -> list[_Row]:
+        if len(prompts) != len(params):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        return [self._new_row(i, prompt, p) for i, (prompt, p) in enumerate(zip(prompts, params))]
+
+    def _new_row(self, index: int, prompt: str | list[int], params: SamplingParams) -> _Row:
+        prompt_ids = self.encode(prompt) if isinstance(prompt, str) else self._check_ids(prompt)
         if not prompt_ids:
-            raise ValueError("the prompt is empty after tokenization")
+            raise ValidationError("inputs", "the prompt is empty after tokenization")
         room = self.max_context - len(prompt_ids)
         if room < 1:
-            raise ValueError(
+            raise ValidationError(
+                "inputs",
                 f"the prompt has {len(prompt_ids)} tokens but the model's context holds "
-                f"{self.max_context}; shorten the input"
+                f"{self.max_context}; shorten the input",
             )
-        generator = None
-        if not params.greedy:
-            seed = params.seed if params.seed is not None else secrets.randbits(63)
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+        outside = [t for t in params.stop_token_ids if t >= self.vocab_size]
+        if outside:
+            raise ValidationError(
+                "stop_token_ids",
+                f"stop_token_ids {outside} are not in the model's vocabulary of "
+                f"{self.vocab_size} ids",
+            )
+        eos = frozenset() if params.ignore_eos_token else frozenset(self.eos_token_ids)
         return _Row(
+            index=index,
             prompt_ids=prompt_ids,
             params=params,
+            # Stopping at the context end (finish reason "length") rather than failing.
             max_new_tokens=min(params.max_new_tokens, room),
-            generator=generator,
+            stop_ids=eos | frozenset(params.stop_token_ids),
+            text=TextStream(
+                self._decode, params.stop_sequences, min_new_tokens=params.min_new_tokens
+            ),
         )
+
+    def _check_ids(self, prompt: list[int]) -> list[int]:
+        if not isinstance(prompt, list) or not all(
+            isinstance(t, int) and not isinstance(t, bool) and 0 <= t < self.vocab_size
+            for t in prompt
+        ):
+            raise ValidationError(
+                "inputs",
+                f"a token-id prompt must be a list of integers in [0, {self.vocab_size})",
+            )
+        return list(prompt)
 
     def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
         width = max(len(ids) for ids in sequences)
@@ -174,68 +359,19 @@ class HFEngine:
             attention_mask[i, width - len(ids) :] = 1
         return input_ids.to(self.device), attention_mask.to(self.device)
 
-    def _forward(
-        self,
-        input_ids: torch.Tensor,  # [B, T]
-        attention_mask: torch.Tensor,  # [B, S_past + T]
-        position_ids: torch.Tensor,  # [B, T]
-        *,
-        cache: Any,
-    ) -> tuple[torch.Tensor, Any]:
-        out = self.model(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=cache,
-            use_cache=True,
-            logits_to_keep=1,  # only the last position is sampled; skips a [B, S, V] matmul
-        )
-        return out.logits[:, -1, :].float(), out.past_key_values  # [B, V]
-
-    def _sample(self, logits: torch.Tensor, rows: list[_Row]) -> torch.Tensor:
-        """Next token per row. logits: [B, V] float32 -> [B] long."""
-        next_ids = logits.argmax(dim=-1)  # [B]; right for every greedy row
-        for i, row in enumerate(rows):
-            if row.finish_reason is None and not row.params.greedy:
-                next_ids[i] = _sample_one(logits[i], row.params, row.generator)
-        return next_ids
-
-    def _append(self, rows: list[_Row], next_ids: list[int]) -> bool:
-        """Record each live row's new token; return True when every row has finished."""
-        for row, token_id in zip(rows, next_ids):
-            if row.finish_reason is not None:
-                continue  # finished rows keep decoding padding-like tokens until the batch ends
-            row.output_ids.append(token_id)
-            if token_id in self.eos_token_ids:
-                row.finish_reason = FinishReason.EOS_TOKEN
-            elif row.params.stop_sequences and self._hit_stop_sequence(row):
-                row.finish_reason = FinishReason.STOP_SEQUENCE
-            elif len(row.output_ids) >= row.max_new_tokens:
-                row.finish_reason = FinishReason.LENGTH
-        return all(row.finish_reason is not None for row in rows)
-
-    def _hit_stop_sequence(self, row: _Row) -> bool:
-        # Decoding the whole output each step is quadratic, but outputs here are short; stop
-        # strings may span tokens, so checking the new token's text alone would miss them.
-        text = self._decode(row.output_ids)
-        hits = [(text.find(s), s) for s in row.params.stop_sequences if s in text]
-        if not hits:
-            return False
-        start, stop = min(hits)
-        row.text = text[: start + len(stop)]
-        return True
-
-    def _result(self, row: _Row) -> GenerationResult:
-        assert row.finish_reason is not None
-        return GenerationResult(
-            text=row.text if row.text is not None else self._decode(row.output_ids),
-            token_ids=list(row.output_ids),
-            finish_reason=row.finish_reason,
-            prompt_tokens=len(row.prompt_ids),
-        )
+    # ---- text -----------------------------------------------------------------------------------
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True)
+
+    def _token(self, token_id: int, log_prob: float | None) -> Token:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            # The token alone, special tokens included: it is what `tokens[].text` shows, while
+            # the output text skips special tokens.
+            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
+            self._token_texts[token_id] = text
+        return Token(token_id, text, log_prob, special=token_id in self._special_ids)
 
     # ------------------------------------------------------------------------------------------
     # Loading
@@ -261,22 +397,3 @@ class HFEngine:
         if self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
-
-
-def _sample_one(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> int:
-    """Temperature, then top-k, then top-p (nucleus) sampling. logits: [V] float32."""
-    scaled = logits / params.temperature  # [V]
-    sorted_logits, sorted_ids = scaled.sort(descending=True)  # [V], [V]
-    if 0 < params.top_k < sorted_logits.numel():
-        sorted_logits = sorted_logits[: params.top_k]  # [K]
-        sorted_ids = sorted_ids[: params.top_k]
-    probs = sorted_logits.softmax(dim=-1)  # [K]
-    if params.top_p < 1.0:
-        # Keep the smallest prefix whose mass reaches top_p; the top token always survives
-        # because the mass before it is 0.
-        mass_before = probs.cumsum(dim=-1) - probs  # [K]
-        probs = probs.masked_fill(mass_before >= params.top_p, 0.0)
-    choice = torch.multinomial(probs, num_samples=1, generator=generator)  # [1]
-    return int(sorted_ids[choice].item())

@@ -1,0 +1,153 @@
+"""Job plumbing shared by every inference route: read the body, submit one job, and hand back
+the worker's answer as a plain response or as a stream of chunks.
+
+Routes differ only in which properties they add and how they frame the answer (as is for
+/invocations, AWS event-stream messages for the SageMaker runtime emulation), so the framing is
+a parameter here, not a copy of this loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+
+from aiohttp import web
+
+from container import errors as E
+from container import protocol as P
+from container.wlm import Job, Model, StreamEnd, new_request_item, stream_chunks
+
+JSON_TYPE = "application/json"
+
+# Headers a client may use to pick the model on /invocations.
+MODEL_HEADERS = ("X-Amzn-SageMaker-Target-Model", "X-Model-Name")
+
+
+def select_model(request: web.Request) -> Model:
+    """The model named by ?model_name= or a model header, else the only one served."""
+    mgr = request.app["models"]
+    name = request.query.get("model_name")
+    if name is None:
+        for h in MODEL_HEADERS:
+            name = request.headers.get(h)
+            if name:
+                break
+    return mgr.get(name) if name else mgr.default()
+
+
+async def read_body(request: web.Request) -> bytes:
+    try:
+        return await request.read()
+    except web.HTTPRequestEntityTooLarge as e:
+        raise E.PayloadTooLarge(f"request body is larger than max_request_size "
+                                f"({request.app['server_config'].max_request_size} bytes); "
+                                f"raise SAGEMAKER_MAX_REQUEST_SIZE to accept it") from e
+
+
+@dataclass(slots=True)
+class Invocation:
+    """A submitted job and the worker's first response frame."""
+
+    model: Model
+    job: Job
+    response: P.Response
+
+    @property
+    def ok(self) -> bool:
+        return 200 <= self.response.code < 300
+
+    def content_type(self) -> str:
+        for k, v in self.response.headers.items():
+            if k.lower() == "content-type":
+                return v
+        # Handlers that set no content type mostly return JSON; sniff rather than mislabel it.
+        return JSON_TYPE if self.response.body[:1] in (b"{", b"[") else "text/plain; charset=utf-8"
+
+    def header(self, name: str) -> str | None:
+        name = name.lower()
+        return next((v for k, v in self.response.headers.items() if k.lower() == name), None)
+
+    async def chunks(self) -> AsyncIterator[bytes | StreamEnd]:
+        """Every byte of the answer in order; a stream ends with its StreamEnd."""
+        if self.response.body:
+            yield self.response.body
+        if self.response.stream:
+            async for chunk in stream_chunks(self.job):
+                yield chunk
+
+    async def collect(self) -> bytes:
+        """The whole answer as one body; a broken stream ends with the error line."""
+        parts = []
+        async for chunk in self.chunks():
+            if isinstance(chunk, StreamEnd):
+                if chunk.error is not None:
+                    parts.append(stream_error_line(chunk.error))
+                break
+            parts.append(chunk)
+        return b"".join(parts)
+
+
+async def submit(request: web.Request, model: Model, properties: dict[str, str], *,
+                 body: bytes | None = None) -> Invocation:
+    """Send the request to `model` and wait (bounded by predict_timeout) for its first frame.
+    Query parameters travel as extra content entries, as DJL passes them to handlers."""
+    if body is None:
+        body = await read_body(request)
+    content = [("data", body)]
+    for k, v in request.query.items():
+        if k != "model_name":
+            content.append((k, v.encode()))
+    job = model.submit(new_request_item(properties, content))
+    return Invocation(model, job, await model.result(job))
+
+
+def stream_error_line(error: str) -> bytes:
+    """What a stream that broke after its first byte ends with (DESIGN §5)."""
+    return json.dumps({"finish_reason": "error", "error": error}).encode() + b"\n"
+
+
+def plain_response(inv: Invocation) -> web.Response:
+    resp = inv.response
+    if resp.code == 204:
+        return web.Response(status=204, headers=resp.headers)
+    headers = dict(resp.headers)
+    if inv.header("content-type") is None:
+        headers["Content-Type"] = inv.content_type()
+    return web.Response(status=resp.code, body=resp.body, headers=headers)
+
+
+async def send_stream(request: web.Request, inv: Invocation, out: web.StreamResponse,
+                      frames: AsyncIterator[bytes]) -> web.StreamResponse:
+    """Write `frames` with chunked encoding as they are produced. If the client goes away, the
+    worker is told to stop generating for it."""
+    out.enable_chunked_encoding()
+    try:
+        await out.prepare(request)
+        async for data in frames:
+            await out.write(data)
+        await out.write_eof()
+    except (ConnectionResetError, asyncio.CancelledError):
+        inv.model.abort(inv.job)
+        raise
+    return out
+
+
+async def raw_frames(inv: Invocation,
+                     on_error: Callable[[str], bytes] = stream_error_line) -> AsyncIterator[bytes]:
+    """The answer's bytes unchanged; a broken stream ends with `on_error(message)`."""
+    async for chunk in inv.chunks():
+        if isinstance(chunk, StreamEnd):
+            if chunk.error is not None:
+                yield on_error(chunk.error)
+            return
+        yield chunk
+
+
+async def respond(request: web.Request, inv: Invocation) -> web.StreamResponse:
+    """The worker's answer as is: plain, or chunked with the handler's own headers."""
+    if not inv.response.stream:
+        return plain_response(inv)
+    out = web.StreamResponse(status=inv.response.code, headers=inv.response.headers)
+    return await send_stream(request, inv, out, raw_frames(inv))
