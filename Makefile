@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PORT ?= 8080
 
-.PHONY: install model serve test test-fast bench clean
+.PHONY: install model serve test test-fast bench clean docker-deps smoke
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,11 +22,22 @@ model: install
 serve: model
 	SAGEMAKER_BIND_TO_PORT=$(PORT) $(PY) -m container serve
 
-test: install
+test: install docker-deps
 	$(PY) -m pytest -q tests
 
 test-fast: install
 	$(PY) -m pytest -q tests -m "not e2e"
+
+# podman (no Docker engine here) for docker/smoke-test.sh; without it that test is skipped.
+docker-deps:
+	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
+	|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+	     && { apt-get update -q >/dev/null; DEBIAN_FRONTEND=noninteractive \
+	          apt-get install -y -q podman runc debootstrap >/dev/null; }; } \
+	|| echo "docker-deps: podman not installed: the image smoke test will be skipped"
+
+smoke: docker-deps model
+	docker/smoke-test.sh
 
 bench: install
 	$(PY) benchmarks/frontend.py
