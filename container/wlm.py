@@ -139,6 +139,7 @@ class Worker:
         self._server: asyncio.AbstractServer | None = None
         self._reader_task: asyncio.Task | None = None
         self.exit_reason: str | None = None
+        self.max_concurrency = 1
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.id, self.proc.pid if self.proc else None, self.state.value,
@@ -193,6 +194,8 @@ class Worker:
             await self.kill()
             raise WorkerDied(f"worker sent {type(msg).__name__} instead of Ready")
         self.state = WorkerState.READY
+        # A continuous-batching worker takes many requests at once; others one batch at a time.
+        self.max_concurrency = max(1, int(msg.info.get("max_concurrency", "1")))
         self._reader_task = asyncio.create_task(self._read_loop(reader))
         log.info("model %s: worker %d ready (pid %d)", self.model.name, self.id, self.proc.pid)
 
@@ -275,7 +278,7 @@ class Worker:
             await jobs[0].done
         else:
             await asyncio.gather(*(j.done for j in jobs))
-        if self.state is WorkerState.BUSY:
+        if self.state is WorkerState.BUSY and not self.inflight:
             self.state = WorkerState.READY
 
     def abort(self, job_id: int) -> None:
@@ -464,6 +467,9 @@ class Model:
     # -- dispatch --------------------------------------------------------------------------
 
     async def _dispatch_loop(self, w: Worker) -> None:
+        if w.max_concurrency > 1:
+            await self._dispatch_concurrent(w)
+            return
         idle = None if w.permanent else float(self.config.max_idle_time_s)
         try:
             while w.state is not WorkerState.STOPPED and not w.retire:
@@ -478,6 +484,35 @@ class Model:
                         self._requeue(j)
                     return
                 await w.run(jobs)
+        except asyncio.CancelledError:
+            return
+        if w in self.workers:
+            self.workers.remove(w)
+        await w.stop()
+
+    async def _dispatch_concurrent(self, w: Worker) -> None:
+        """Rolling batch: send each job to the worker as soon as it arrives, keeping at most
+        `max_concurrency` in flight; the engine batches them token by token. Jobs beyond that
+        wait in this model's bounded queue, so job_queue_size still caps what is accepted."""
+        slots = asyncio.Semaphore(w.max_concurrency)
+        idle = None if w.permanent else float(self.config.max_idle_time_s)
+        running: set[asyncio.Task] = set()
+        try:
+            while w.state is not WorkerState.STOPPED and not w.retire:
+                await slots.acquire()
+                jobs = await collect_batch(self.queue, 1, 0.0, idle_timeout_s=idle)
+                if not jobs:
+                    slots.release()
+                    if not running:
+                        break  # a temporary worker idled out
+                    continue
+                if w.state is WorkerState.STOPPED:
+                    for j in jobs:
+                        self._requeue(j)
+                    return
+                t = asyncio.create_task(w.run(jobs))
+                running.add(t)
+                t.add_done_callback(lambda t: (running.discard(t), slots.release()))
         except asyncio.CancelledError:
             return
         if w in self.workers:

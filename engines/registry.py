@@ -11,6 +11,7 @@ import importlib
 # name -> "module:attribute". Add an engine by adding a line here.
 _ENGINES: dict[str, str] = {
     "hf": "engines.hf.engine:HFEngine",
+    "native": "engines.native.loop:start_native_engine",
 }
 
 

@@ -7,7 +7,7 @@ reach a worker, and handlers import it without loading an engine.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
@@ -262,3 +262,33 @@ def _as_tuple(value: object, name: str, expected: str) -> tuple[Any, ...]:
     if isinstance(value, (list, tuple)):
         return tuple(value)
     raise ValidationError(name, f"{name} must be {expected}, got {value!r}")
+
+
+def collect_results(stream: Iterable[list[TokenEvent]], params: Sequence[SamplingParams],
+                    prompt_tokens: Sequence[int]) -> list[GenerationResult]:
+    """Gather a generate_stream's events into one GenerationResult per prompt, in order."""
+    n = len(params)
+    tokens: list[list[Token]] = [[] for _ in range(n)]
+    top_tokens: list[list[tuple[Token, ...]]] = [[] for _ in range(n)]
+    texts = [""] * n
+    prefills: list[list[Token] | None] = [None] * n
+    finish: list[FinishReason | None] = [None] * n
+    for events in stream:
+        for event in events:
+            i = event.index
+            tokens[i].append(event.token)
+            texts[i] += event.text
+            if params[i].top_n_tokens:
+                top_tokens[i].append(event.top_tokens)
+            if event.prefill is not None:
+                prefills[i] = list(event.prefill)
+            if event.finish_reason is not None:
+                finish[i] = event.finish_reason
+    results = []
+    for i in range(n):
+        assert finish[i] is not None, f"the stream ended with request {i} unfinished"
+        results.append(GenerationResult(
+            text=texts[i], token_ids=[t.id for t in tokens[i]], finish_reason=finish[i],
+            prompt_tokens=prompt_tokens[i], tokens=tokens[i], top_tokens=top_tokens[i],
+            prefill=prefills[i]))
+    return results

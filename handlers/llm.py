@@ -44,6 +44,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from engines.registry import get_engine_class
+from engines.selection import choose_engine
 from engines.types import GenerationResult, SamplingParams, TokenEvent, ValidationError
 from handlers import llm_formats as fmt
 from handlers.inputs import Input, batch_key
@@ -53,8 +54,6 @@ from handlers.service import ITEM_CODE_PROPERTY
 
 logger = logging.getLogger(__name__)
 
-# The only engine wired in so far; option.rolling_batch will choose among more.
-DEFAULT_ENGINE = "hf"
 
 BUILTIN_OUTPUT_FORMATS = frozenset(
     {"json", "jsonlines", "sse", "json_chat", "jsonlines_chat", "sse_chat", "none"})
@@ -152,10 +151,16 @@ class LLMHandler:
 
     def _load_engine(self, properties: dict[str, str]) -> Any:
         model_dir = _resolve_model_dir(properties)
-        engine_class = get_engine_class(DEFAULT_ENGINE)
-        dtype = properties.get("dtype") or "auto"
-        logger.info("loading %s with the %s engine (dtype=%s)", model_dir, DEFAULT_ENGINE, dtype)
-        return engine_class(model_dir, dtype=dtype)
+        choice = choose_engine(model_dir, properties, cuda=_cuda_available())
+        logger.info("loading %s with the %s engine (%s; %s)", model_dir, choice.name,
+                    choice.reason, ", ".join(f"{k}={v}" for k, v in choice.kwargs.items()))
+        return get_engine_class(choice.name)(model_dir, **choice.kwargs)
+
+    @property
+    def max_concurrency(self) -> int:
+        """How many requests this handler can serve at once (the worker runs that many
+        handle() calls in parallel threads): >1 only for a continuous-batching engine."""
+        return int(getattr(self.engine, "max_concurrency", 1))
 
     # ------------------------------------------------------------------------------------------
     # Requests
@@ -383,3 +388,9 @@ def _decode_body(item: Input) -> Any:
 
 def _error_body(error: ValidationError) -> dict[str, Any]:
     return {"code": 400, "type": "ValidationError", "field": error.field, "message": error.message}
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()

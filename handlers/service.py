@@ -114,6 +114,14 @@ class ModelService:
         self.handle = handle
         self.source = source  # where the handler came from, for logs and error messages
 
+    @property
+    def max_concurrency(self) -> int:
+        """Requests the handler can serve at once. A handler object may say so with a
+        `max_concurrency` attribute (the LLM handler on a continuous-batching engine does);
+        plain model.py handlers get one call at a time, as in DJL."""
+        owner = getattr(self.handle, "__self__", None)
+        return max(1, int(getattr(owner, "max_concurrency", 1)))
+
     @classmethod
     def load(cls, model_dir: str, properties: dict[str, str]) -> ModelService:
         """Find, import and warm up the handler. Raises HandlerLoadError."""

@@ -39,9 +39,12 @@ class WorkerLoop:
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.aborted: set[int] = set()
         self._lock = threading.Lock()  # guards `aborted` between reader and main thread
+        self._send_lock = threading.Lock()
 
     def send(self, *msgs: P.Message) -> None:
-        self.sock.sendall(b"".join(P.encode(m) for m in msgs))
+        data = b"".join(P.encode(m) for m in msgs)
+        with self._send_lock:  # request threads of a concurrent handler share the socket
+            self.sock.sendall(data)
 
     def _reader(self) -> None:
         try:
@@ -60,12 +63,32 @@ class WorkerLoop:
 
     def run(self, service) -> None:
         threading.Thread(target=self._reader, name="lmc-reader", daemon=True).start()
-        while True:
-            msg = self.inbox.get()
-            if msg is None or isinstance(msg, P.Shutdown):
-                return
-            if isinstance(msg, P.Request):
-                self._serve(service, msg.items)
+        pool = None
+        if service.max_concurrency > 1:
+            # A continuous-batching handler: every request gets its own thread, which blocks
+            # on its tokens while the engine batches all of them on the engine thread.
+            from concurrent.futures import ThreadPoolExecutor
+
+            pool = ThreadPoolExecutor(service.max_concurrency, thread_name_prefix="lmc-req")
+        try:
+            while True:
+                msg = self.inbox.get()
+                if msg is None or isinstance(msg, P.Shutdown):
+                    return
+                if isinstance(msg, P.Request):
+                    if pool is None:
+                        self._serve(service, msg.items)
+                    else:
+                        pool.submit(self._serve_logged, service, msg.items)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=msg is not None and getattr(msg, "drain", False))
+
+    def _serve_logged(self, service, items: list[P.RequestItem]) -> None:
+        try:
+            self._serve(service, items)
+        except Exception:  # the front end sees the connection drop if we cannot answer
+            log.exception("serving requests %s failed", [it.id for it in items])
 
     def _serve(self, service, items: list[P.RequestItem]) -> None:
         results = service.invoke(items)
@@ -129,7 +152,8 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("loading model %s failed", init.model_name)
         loop.send(P.InitFailed(f"{type(e).__name__}: {e}"))
         return 1
-    loop.send(P.Ready(os.getpid(), {"model": init.model_name}))
+    loop.send(P.Ready(os.getpid(), {"model": init.model_name,
+                                    "max_concurrency": str(service.max_concurrency)}))
     loop.run(service)
     return 0
 

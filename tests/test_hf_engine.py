@@ -6,6 +6,7 @@ Also the engine registry and the shared types, which must stay free of torch.
 import random
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
@@ -416,23 +417,31 @@ def test_log_probs_and_top_tokens_match_transformers(engine):
         assert got_prefill == pytest.approx(expected_prefill.tolist(), abs=1e-4)
 
 
-def test_special_tokens_are_flagged_and_kept_out_of_the_text(engine):
-    greedy = engine.generate([PROMPTS[2]], [SamplingParams(max_new_tokens=6)])[0].token_ids
+def test_special_tokens_are_flagged_and_keep_their_text(engine):
     eos_id = engine.tokenizer.eos_token_id
-    saved = engine.eos_token_ids
-    engine.eos_token_ids = {greedy[2]}  # pretend the 3rd token ends the text...
-    try:
-        # ...and generate from a prompt ending in the real EOS token, given as ids.
-        prompt = engine.encode(PROMPTS[0]) + [eos_id]
-        (result,) = engine.generate(
-            [prompt], [SamplingParams(max_new_tokens=4, top_n_tokens=3, decoder_input_details=True)]
-        )
-    finally:
-        engine.eos_token_ids = saved
+    prompt = engine.encode(PROMPTS[0]) + [eos_id]  # token ids may hold special tokens
+    params = SamplingParams(max_new_tokens=2, decoder_input_details=True)
+    (result,) = engine.generate([prompt], [params])
     last = result.prefill[-1]
     assert (last.id, last.text, last.special) == (eos_id, EOS, True)
     assert not any(t.special for t in result.prefill[:-1])
     assert all(isinstance(t.log_prob, float) for t in result.prefill[1:])
+
+
+def test_generated_eos_is_special_and_not_in_the_text(engine):
+    eos_id = engine.tokenizer.eos_token_id
+    prompt = engine.encode(PROMPTS[0]) + [eos_id]
+    # A repetition penalty below 1 favours seen tokens: here the EOS comes first.
+    params = SamplingParams(max_new_tokens=5, repetition_penalty=0.01, ignore_eos_token=True)
+    (result,) = check_stream_matches_generate(engine, [prompt], [params])
+    assert result.tokens[0].id == eos_id and result.tokens[0].text == EOS
+    assert result.tokens[0].special and not any(t.special for t in result.tokens[1:])
+    assert len(result.token_ids) == 5 and EOS not in result.text
+    assert result.text == engine.tokenizer.decode(result.token_ids[1:])
+    # Without ignore_eos_token the same EOS ends the request, adding no text.
+    (ended,) = engine.generate([prompt], [replace(params, ignore_eos_token=False)])
+    assert ended.token_ids == [eos_id] and ended.text == ""
+    assert ended.finish_reason is FinishReason.EOS_TOKEN
 
 
 def test_prompt_as_token_ids_equals_prompt_as_text(engine):

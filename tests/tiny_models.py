@@ -2,7 +2,9 @@
 
 `make_tiny_llama` writes a complete HF model dir: a 2-layer LlamaForCausalLM in safetensors and a
 byte-level BPE tokenizer trained on a few sentences, with BOS/EOS/PAD tokens and a ChatML-style
-chat template, so engines and handlers can load it exactly like a real checkpoint.
+chat template, so engines and handlers can load it exactly like a real checkpoint. `make_tiny_model`
+(and the `make_tiny_mistral` / `make_tiny_qwen2` shortcuts) does the same for the other
+Llama-family architectures the native engine runs.
 """
 
 from __future__ import annotations
@@ -66,18 +68,59 @@ def make_tiny_llama(
     max_position_embeddings: int = 256,
 ) -> Path:
     """Write a tiny LlamaForCausalLM with random weights and its tokenizer to `path`."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    return make_tiny_model(path, vocab_size=vocab_size, seed=seed,
+                           max_position_embeddings=max_position_embeddings)
 
+
+def make_tiny_mistral(path: str | Path, *, sliding_window: int = 16, seed: int = 1, **kw) -> Path:
+    """Tiny MistralForCausalLM whose sliding window is shorter than typical test prompts."""
+    return make_tiny_model(path, arch="mistral", seed=seed,
+                           extra={"sliding_window": sliding_window}, **kw)
+
+
+def make_tiny_qwen2(path: str | Path, *, seed: int = 2, **kw) -> Path:
+    """Tiny Qwen2ForCausalLM (q/k/v projections with bias), tied embeddings by default."""
+    kw.setdefault("tie_word_embeddings", True)
+    return make_tiny_model(path, arch="qwen2", seed=seed, **kw)
+
+
+_ARCHS = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+}
+
+
+def make_tiny_model(
+    path: str | Path,
+    *,
+    arch: str = "llama",
+    vocab_size: int = 384,
+    seed: int = 0,
+    max_position_embeddings: int = 256,
+    num_kv_heads: int = 2,
+    tie_word_embeddings: bool = False,
+    rope_parameters: dict | None = None,
+    extra: dict | None = None,
+) -> Path:
+    """Write a tiny random-weight Llama-family model (`arch`: llama, mistral, qwen2) and its
+    tokenizer to `path`: hidden 64, 2 layers, 4 query heads."""
+    import torch
+    import transformers
+
+    config_name, model_name = _ARCHS[arch]
     path = Path(path)
     tokenizer = make_tokenizer(vocab_size=vocab_size)
-    config = LlamaConfig(
+    kwargs = dict(extra or {})
+    if rope_parameters is not None:
+        kwargs["rope_parameters"] = rope_parameters
+    config = getattr(transformers, config_name)(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
         num_attention_heads=4,
-        num_key_value_heads=2,  # grouped-query attention, as in SmolLM2 and Llama 3
+        num_key_value_heads=num_kv_heads,  # 2: grouped-query attention, as in SmolLM2, Llama 3
         max_position_embeddings=max_position_embeddings,
         # Larger than the default 0.02 so logits are spread out: greedy choices then do not
         # hinge on near-ties that float noise (e.g. from padding) could flip.
@@ -85,11 +128,19 @@ def make_tiny_llama(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=False,
-        architectures=["LlamaForCausalLM"],
+        tie_word_embeddings=tie_word_embeddings,
+        architectures=[model_name],
+        **kwargs,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(config).eval()
+    model = getattr(transformers, model_name)(config).eval()
+    if arch == "qwen2":
+        # Biases are initialised to zero; random ones make the test exercise them.
+        with torch.no_grad():
+            for layer in model.model.layers:
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj,
+                             layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.2)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path

@@ -46,17 +46,26 @@ class BatchSampler:
     ) -> None:
         assert len(params) == len(prompt_ids) == len(stop_ids)
         batch = len(params)
-        self.params = list(params)
         self.top_n = [p.top_n_tokens for p in params]
-        self.sampling = torch.tensor([not p.greedy for p in params], device=device)  # [B]
+        self.greedy = [p.greedy for p in params]  # a list: choosing rows needs no device sync
 
         def column(values: list[float]) -> torch.Tensor:
             return torch.tensor(values, dtype=torch.float32, device=device)[:, None]  # [B, 1]
 
+        self.repetition = column([p.repetition_penalty for p in params])
+        self.presence = column([p.presence_penalty for p in params])
+        self.frequency = column([p.frequency_penalty for p in params])
+        self.min_new = torch.tensor([p.min_new_tokens for p in params], device=device)  # [B]
+        self.generated = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
+        self.temperature = column([p.temperature if not p.greedy else 1.0 for p in params])
+        self.top_k = torch.tensor([p.top_k for p in params], device=device)  # [B]
+        self.top_p = column([p.top_p for p in params])
+        self.min_p = column([p.min_p for p in params])
+        self.typical_p = column([p.typical_p for p in params])
+
         # Seen-token mask for the repetition penalty, seeded with the prompt.
         self.seen: torch.Tensor | None = None
         if any(p.repetition_penalty != 1.0 for p in params):
-            self.repetition = column([p.repetition_penalty for p in params])
             self.seen = torch.zeros((batch, vocab_size), dtype=torch.bool, device=device)
             for i, ids in enumerate(prompt_ids):
                 self.seen[i, torch.tensor(ids, dtype=torch.long, device=device)] = True
@@ -64,19 +73,15 @@ class BatchSampler:
         # Generated-token counts for the OpenAI-style penalties.
         self.counts: torch.Tensor | None = None
         if any(p.presence_penalty or p.frequency_penalty for p in params):
-            self.presence = column([p.presence_penalty for p in params])
-            self.frequency = column([p.frequency_penalty for p in params])
             self.counts = torch.zeros((batch, vocab_size), dtype=torch.float32, device=device)
 
         # Stop ids (EOS and stop_token_ids) are masked until a row has min_new_tokens tokens.
         self.stop_mask: torch.Tensor | None = None
         if any(p.min_new_tokens > 0 and ids for p, ids in zip(params, stop_ids)):
-            self.min_new = torch.tensor([p.min_new_tokens for p in params], device=device)  # [B]
             self.stop_mask = torch.zeros((batch, vocab_size), dtype=torch.bool, device=device)
             for i, ids in enumerate(stop_ids):
                 if ids:
                     self.stop_mask[i, torch.tensor(sorted(ids), device=device)] = True
-        self.generated = torch.zeros(batch, dtype=torch.long, device=device)  # [B]
 
         # Each sampling row draws from its own generator, so its tokens depend on its seed only,
         # not on which requests share the batch.
@@ -88,12 +93,6 @@ class BatchSampler:
             seed = p.seed if p.seed is not None else secrets.randbits(63)
             self.generators.append(torch.Generator(device=device).manual_seed(seed))
 
-        self.temperature = column([p.temperature if not p.greedy else 1.0 for p in params])
-        self.top_k = torch.tensor([p.top_k for p in params], device=device)  # [B]
-        self.top_p = column([p.top_p for p in params])
-        self.min_p = column([p.min_p for p in params])
-        self.typical_p = column([p.typical_p for p in params])
-
     # ------------------------------------------------------------------------------------------
 
     def step(self, logits: torch.Tensor) -> StepOutput:
@@ -101,7 +100,7 @@ class BatchSampler:
         scores = self._penalise(logits.float())  # [B, V]
         chosen = scores.argmax(dim=-1)  # [B]; final for greedy rows
 
-        sample_rows = self.sampling.nonzero().flatten().tolist()
+        sample_rows = [i for i, greedy in enumerate(self.greedy) if not greedy]
         if sample_rows:
             index = torch.tensor(sample_rows, device=scores.device)
             warped = self._warp(scores[index], index)  # [S, V]
@@ -112,7 +111,7 @@ class BatchSampler:
             chosen[i] = torch.multinomial(probs, 1, generator=self.generators[i])[0]
 
         chosen_log_probs = log_probs.gather(1, chosen[:, None])[:, 0]  # [B]
-        top: list[list[tuple[int, float]]] = [[] for _ in self.params]
+        top: list[list[tuple[int, float]]] = [[] for _ in self.top_n]
         n_max = max(self.top_n)
         if n_max:
             values, ids = log_probs.topk(min(n_max, log_probs.shape[-1]), dim=-1)  # [B, N]
@@ -128,21 +127,21 @@ class BatchSampler:
     def keep(self, rows: list[int]) -> None:
         """Keep only these rows (batch positions), in this order: finished rows leave the batch."""
         index = torch.tensor(rows, device=self.generated.device)
-        self.params = [self.params[i] for i in rows]
         self.top_n = [self.top_n[i] for i in rows]
         self.generators = [self.generators[i] for i in rows]
+        self.greedy = [self.greedy[i] for i in rows]
         for name in (
-            "sampling", "generated", "temperature", "top_k", "top_p", "min_p", "typical_p",
+            "generated", "temperature", "top_k", "top_p", "min_p", "typical_p",
             "seen", "repetition", "counts", "presence", "frequency", "stop_mask", "min_new",
         ):  # fmt: skip
-            value = getattr(self, name, None)
-            if value is not None:
+            value = getattr(self, name)
+            if value is not None:  # the [B, V] state no row needed is None
                 setattr(self, name, value[index])
 
     # ------------------------------------------------------------------------------------------
 
     def _penalise(self, scores: torch.Tensor) -> torch.Tensor:
-        """Penalties and the min_new_tokens mask; scores: [B, V] float32, modified in place."""
+        """Penalties and the min_new_tokens mask. scores: [B, V] float32 -> [B, V]."""
         if self.seen is not None:
             # CTRL: shrink the logit of a seen token towards "less likely" whatever its sign.
             penalised = torch.where(
@@ -150,7 +149,7 @@ class BatchSampler:
             )  # [B, V]
             scores = torch.where(self.seen, penalised, scores)
         if self.counts is not None:
-            scores -= self.presence * (self.counts > 0) + self.frequency * self.counts
+            scores = scores - self.presence * (self.counts > 0) - self.frequency * self.counts
         if self.stop_mask is not None:
             too_early = (self.generated < self.min_new)[:, None]  # [B, 1]
             scores = scores.masked_fill(self.stop_mask & too_early, _NEG_INF)

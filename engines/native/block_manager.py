@@ -68,18 +68,20 @@ class BlockManager:
 
     # -- allocation ----------------------------------------------------------------------------
 
-    def allocate(self, seq_id: int, token_ids: Sequence[int], num_tokens: int) -> int | None:
+    def allocate(self, seq_id: int, token_ids: Sequence[int], num_tokens: int, *,
+                 use_prefix_cache: bool = True) -> int | None:
         """Give a new sequence room for its first `num_tokens` tokens (its prompt, or the first
         chunk of it), reusing cached full blocks of `token_ids`' prefix.
 
         Returns how many leading tokens are already in the cache (a multiple of block_size,
         always < len(token_ids) so at least one token is computed to get logits), or None if the
-        free blocks do not suffice (nothing is changed then)."""
+        free blocks do not suffice (nothing is changed then). `use_prefix_cache=False` reuses
+        nothing, for a sequence that needs every position computed."""
         assert seq_id not in self.tables, f"sequence {seq_id} already has blocks"
         bs = self.block_size
         hits: list[int] = []
         parent: int | None = None
-        if self.enable_prefix_caching:
+        if self.enable_prefix_caching and use_prefix_cache:
             # Full blocks only, and never the block holding the last prompt token.
             for i in range((len(token_ids) - 1) // bs):
                 h = hash((parent, tuple(token_ids[i * bs:(i + 1) * bs])))

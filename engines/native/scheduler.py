@@ -115,7 +115,8 @@ class Scheduler:
             if seq.id in preempted_now:
                 break  # do not re-admit in the step that preempted it
             # Blocks for the cached prefix + 1 token first, then grow to the chunk we can afford.
-            cached = self.bm.allocate(seq.id, seq.token_ids, 1)
+            cached = self.bm.allocate(seq.id, seq.token_ids, 1,
+                                      use_prefix_cache=not seq.skip_prefix_cache)
             if cached is None:
                 break  # FIFO: no overtaking a request that does not fit yet
             if seq.num_preemptions == 0:

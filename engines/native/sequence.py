@@ -23,6 +23,9 @@ class Sequence:
     num_computed: int = 0
     num_cached_prompt: int = 0  # prompt tokens found in the prefix cache at (first) admission
     num_preemptions: int = 0
+    # Compute every prompt position, skipping prefix-cache hits: the engine wants the logits of
+    # all of them (prompt log-probs, decoder_input_details).
+    skip_prefix_cache: bool = False
 
     @property
     def token_ids(self) -> list[int]:

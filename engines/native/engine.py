@@ -1,0 +1,275 @@
+"""The native engine: continuous batching over a paged KV cache.
+
+    engine.add_request(rid, prompt, params)   # any time, also between steps
+    events = engine.step()                    # schedule -> run the model -> postprocess
+    engine.abort(rid)                         # frees the request's KV blocks at once
+
+`generate_stream` / `generate` offer the same batch API as the `hf` engine on top of that, so the
+LLM handler can use either engine.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from engines.hf.detokenizer import TextStream
+from engines.native.block_manager import BlockManager
+from engines.native.model import LlamaModel, read_spec
+from engines.native.runner import ModelRunner
+from engines.native.scheduler import Scheduler
+from engines.native.sequence import Sequence
+from engines.sampler import RowState, sample_rows
+from engines.prompt import prompt_ids
+from engines.types import (FinishReason, GenerationResult, SamplingParams, Token, TokenEvent,
+                           collect_results)
+
+log = logging.getLogger("lmc.native")
+
+_DTYPES = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+           "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class _Request:
+    rid: object
+    seq: Sequence
+    params: SamplingParams
+    text: TextStream
+    row: RowState
+    prefill: tuple[Token, ...] | None = None
+    first_event: bool = True
+    # decoder_input_details: log-probs of prompt tokens 1.., filled in as prefill chunks run.
+    prompt_lps: list[float | None] | None = None
+
+
+class NativeEngine:
+    def __init__(self, model_dir: str, *, dtype: str = "auto", device: str | None = None,
+                 max_num_seqs: int = 32, max_num_batched_tokens: int = 2048,
+                 block_size: int = 16, num_blocks: int | None = None,
+                 kv_cache_gb: float | None = None, gpu_memory_utilization: float = 0.9,
+                 enable_prefix_caching: bool = True) -> None:
+        from transformers import AutoTokenizer
+
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        path = Path(model_dir)
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        spec, cfg = read_spec(path)
+        self.dtype = self._resolve_dtype(dtype, cfg)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        self.model = LlamaModel(path, dtype=self.dtype, device=self.device)
+        self.max_context = spec.max_position_embeddings
+        self.vocab_size = spec.vocab_size
+        self.eos_token_ids = self._eos_ids(cfg, path)
+        self._special_ids = frozenset(self.tokenizer.all_special_ids)
+        if num_blocks is None:
+            num_blocks = self._num_blocks(block_size, kv_cache_gb, gpu_memory_utilization)
+        self.block_manager = BlockManager(num_blocks, block_size,
+                                          enable_prefix_caching=enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
+                                   max_num_batched_tokens=max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size)
+        # One sequence can never hold more tokens than the whole KV pool: past that it would be
+        # preempted and re-admitted forever, so such a sequence ends with "length" instead.
+        self.max_context = min(self.max_context, num_blocks * block_size)
+        self._requests: dict[int, _Request] = {}
+        self._by_rid: dict[object, int] = {}
+        self._seq_ids = itertools.count()
+        # Seq ids whose prompt log-probs are still being computed (decoder_input_details).
+        self._want_prompt_lps: set[int] = set()
+        log.info("native engine: %s %s on %s, %d KV blocks of %d tokens", spec.architecture,
+                 self.dtype, self.device, num_blocks, block_size)
+
+    # -- setup helpers --------------------------------------------------------------------------
+
+    def _resolve_dtype(self, dtype: str, cfg: dict) -> torch.dtype:
+        if dtype in _DTYPES:
+            return _DTYPES[dtype]
+        if dtype != "auto":
+            raise ValueError(f"option.dtype={dtype!r} is not one of auto, fp32, fp16, bf16")
+        if self.device.type == "cpu":
+            return torch.float32  # half precision matmuls are slow on most CPUs
+        return _DTYPES.get(str(cfg.get("torch_dtype") or cfg.get("dtype")), torch.bfloat16)
+
+    def _num_blocks(self, block_size: int, kv_cache_gb: float | None, utilization: float) -> int:
+        per_block = self.model.kv_bytes_per_token() * block_size
+        if kv_cache_gb is None and self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            budget = free * utilization
+        else:
+            budget = (kv_cache_gb if kv_cache_gb is not None else 2.0) * 1024**3
+        return max(1, int(budget // per_block))
+
+    def _eos_ids(self, cfg: dict, model_dir: Path) -> frozenset[int]:
+        """EOS ids from config.json, generation_config.json and the tokenizer."""
+        import json
+
+        sources = [cfg.get("eos_token_id"), self.tokenizer.eos_token_id]
+        gen = model_dir / "generation_config.json"
+        if gen.is_file():
+            sources.append(json.loads(gen.read_text()).get("eos_token_id"))
+        ids: set[int] = set()
+        for src in sources:
+            if isinstance(src, int):
+                ids.add(src)
+            elif isinstance(src, list):
+                ids.update(src)
+        return frozenset(ids)
+
+    # -- tokenizer API shared with the hf engine ------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        # As the hf engine: a chat template already writes the BOS token as text, and adding
+        # it again would give the model a doubled BOS it never saw in training.
+        bos = self.tokenizer.bos_token
+        add_special = not (bos and prompt.startswith(bos))
+        return self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.encode(prompt))
+
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _token(self, token_id: int, log_prob: float | None) -> Token:
+        return Token(token_id, self.tokenizer.decode([token_id]), log_prob,
+                     token_id in self._special_ids)
+
+    # -- continuous batching API ----------------------------------------------------------------
+
+    def add_request(self, rid: object, prompt: str | list[int], params: SamplingParams) -> None:
+        ids = prompt_ids(prompt, params, encode=self.encode, vocab_size=self.vocab_size,
+                         max_context=self.max_context)
+        sid = next(self._seq_ids)
+        stops = self.eos_token_ids if not params.ignore_eos_token else frozenset()
+        stop_ids = frozenset(stops) | frozenset(params.stop_token_ids)
+        req = _Request(rid, Sequence(sid, ids), params,
+                       TextStream(self._decode, params.stop_sequences,
+                                  min_new_tokens=params.min_new_tokens),
+                       RowState(params, ids, stop_ids, device=self.device))
+        if params.decoder_input_details:
+            # Every prompt position must be computed to score it, so no prefix-cache hits.
+            req.seq.skip_prefix_cache = True
+            req.prompt_lps = [None] * (len(ids) - 1)
+            self._want_prompt_lps.add(sid)
+        self._requests[sid] = req
+        self._by_rid[rid] = sid
+        self.scheduler.add(req.seq)
+
+    def abort(self, rid: object) -> None:
+        sid = self._by_rid.pop(rid, None)
+        if sid is not None:
+            self._requests.pop(sid, None)
+            self._want_prompt_lps.discard(sid)
+            self.scheduler.abort(sid)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work
+
+    def step(self) -> list[tuple[object, TokenEvent]]:
+        """One engine step: (request id, event) for every request that produced a token."""
+        out = self.scheduler.schedule()
+        if out.is_empty:
+            return []
+        ran = self.runner.run(out, self.scheduler.seqs,
+                              {c.seq_id: self.block_manager.block_table(c.seq_id)
+                               for c in out.chunks},
+                              prompt_logprobs=self._want_prompt_lps)
+        logits, seq_ids = ran.logits, ran.seq_ids
+        for sid, (pos, lps) in ran.prompt_logprobs.items():
+            # By position: a chunk recomputed after preemption overwrites the same values.
+            self._requests[sid].prompt_lps[pos:pos + len(lps)] = lps
+        sampled: dict[int, int] = {}
+        events: list[tuple[object, TokenEvent]] = []
+        if seq_ids:
+            rows = [self._requests[s].row for s in seq_ids]
+            result = sample_rows(logits, rows)
+            for i, sid in enumerate(seq_ids):
+                sampled[sid] = result.token_ids[i]
+        self.scheduler.update(out, sampled)
+        for i, sid in enumerate(seq_ids):
+            req = self._requests[sid]
+            if sid in self._want_prompt_lps:
+                self._finish_prefill(req)
+            events.append((req.rid, self._postprocess(req, result.token_ids[i],
+                                                      result.log_probs[i], result.top[i])))
+        return events
+
+    def _finish_prefill(self, req: _Request) -> None:
+        """The prompt is fully computed (the sequence just sampled): build its prefill tokens."""
+        ids, lps = req.seq.prompt_ids, req.prompt_lps
+        assert lps is not None and None not in lps, "a prompt position was never scored"
+        req.prefill = (self._token(ids[0], None),
+                       *(self._token(t, lp) for t, lp in zip(ids[1:], lps)))
+        req.prompt_lps = None
+        # Done scoring: a recompute after preemption may use the prefix cache again.
+        req.seq.skip_prefix_cache = False
+        self._want_prompt_lps.discard(req.seq.id)
+
+    def _postprocess(self, req: _Request, token_id: int, log_prob: float,
+                     top: list[tuple[int, float]]) -> TokenEvent:
+        seq, p = req.seq, req.params
+        n_out = len(seq.output_ids)
+        finish: FinishReason | None = None
+        # The sampler masks stop ids before min_new_tokens; the count check also covers a row
+        # whose every other logit was -inf (as the hf engine does).
+        if token_id in req.row.stop_ids and n_out > p.min_new_tokens:
+            finish = FinishReason.EOS_TOKEN
+        elif n_out >= p.max_new_tokens or seq.num_tokens >= self.max_context:
+            finish = FinishReason.LENGTH
+        # The stop token stays in the decoded ids, as in the hf engine: EOS is special and
+        # decodes to nothing, while a plain stop_token_ids token keeps its text (as in vLLM).
+        text, stopped = req.text.push(seq.output_ids, final=finish is not None)
+        if stopped:
+            finish = FinishReason.STOP_SEQUENCE
+        event = TokenEvent(
+            index=0, token=self._token(token_id, log_prob), text=text,
+            top_tokens=tuple(self._token(t, lp) for t, lp in top),
+            finish_reason=finish, prefill=req.prefill if req.first_event else None)
+        req.first_event = False
+        if finish is not None:
+            self._requests.pop(seq.id, None)
+            self._by_rid.pop(req.rid, None)
+            self.scheduler.finish(seq.id)
+        return event
+
+    # -- batch API (same as the hf engine) ------------------------------------------------------
+
+    def generate_stream(self, prompts: list[str | list[int]],
+                        params: list[SamplingParams]) -> Iterator[list[TokenEvent]]:
+        assert len(prompts) == len(params)
+        keys = [object() for _ in prompts]
+        index = {k: i for i, k in enumerate(keys)}
+        try:
+            for k, prompt, p in zip(keys, prompts, params):
+                self.add_request(k, prompt, p)
+            pending = set(keys)
+            while pending:
+                step = self.step()
+                batch = []
+                for rid, ev in step:
+                    i = index[rid]
+                    batch.append(TokenEvent(i, ev.token, ev.text, ev.top_tokens,
+                                            ev.finish_reason, ev.prefill))
+                    if ev.finish_reason is not None:
+                        pending.discard(rid)
+                if batch:
+                    yield batch
+        finally:
+            for k in keys:
+                self.abort(k)
+
+    def generate(self, prompts: list[str | list[int]],
+                 params: list[SamplingParams]) -> list[GenerationResult]:
+        prompt_lens = [len(p) if isinstance(p, list) else len(self.encode(p)) for p in prompts]
+        return collect_results(self.generate_stream(prompts, params), params, prompt_lens)

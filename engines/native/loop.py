@@ -1,0 +1,155 @@
+"""Continuous batching across threads: the native engine steps on its own thread while any
+number of request threads call `generate_stream` / `generate` as on the `hf` engine.
+
+Each request thread tokenizes and validates its prompts itself (errors raise in that thread,
+before anything is queued), submits them, and reads its TokenEvents from its own queue. Closing
+the iterator early (the client went away) aborts the request: its KV blocks are freed in the
+engine's next step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import Iterator
+
+from engines.prompt import prompt_ids
+from engines.types import GenerationResult, SamplingParams, TokenEvent, collect_results
+
+log = logging.getLogger("lmc.native")
+
+
+class _Failed:
+    """Put in a request's queue when the engine step raised: the request ends with this error."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
+class EngineLoop:
+    """Wraps a NativeEngine; the engine object must only be stepped by this loop's thread."""
+
+    supports_concurrency = True
+
+    def __init__(self, engine) -> None:
+        self.engine = engine
+        self.tokenizer = engine.tokenizer
+        self.max_context = engine.max_context
+        self.eos_token_ids = engine.eos_token_ids
+        self.vocab_size = engine.vocab_size
+        self.max_concurrency = engine.scheduler.max_num_seqs
+        self._commands: queue.SimpleQueue = queue.SimpleQueue()
+        self._outputs: dict[int, tuple[queue.SimpleQueue, int]] = {}
+        self._keys = itertools.count()
+        self._thread = threading.Thread(target=self._run, name="lmc-engine", daemon=True)
+        self._thread.start()
+
+    # -- the tokenizer API the handler uses -----------------------------------------------------
+
+    def encode(self, prompt: str) -> list[int]:
+        return self.engine.encode(prompt)
+
+    def count_tokens(self, prompt: str) -> int:
+        return len(self.engine.encode(prompt))
+
+    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
+        return self.engine.apply_chat_template(messages, add_generation_prompt=add_generation_prompt)
+
+    # -- request side (any thread) --------------------------------------------------------------
+
+    def generate_stream(self, prompts: list[str | list[int]],
+                        params: list[SamplingParams]) -> Iterator[list[TokenEvent]]:
+        if len(prompts) != len(params):
+            raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        ids = [prompt_ids(p, sp, encode=self.engine.encode, vocab_size=self.vocab_size,
+                          max_context=self.max_context) for p, sp in zip(prompts, params)]
+        return self._stream(ids, params)
+
+    def _stream(self, ids: list[list[int]], params: list[SamplingParams]) -> Iterator[list[TokenEvent]]:
+        out: queue.SimpleQueue = queue.SimpleQueue()
+        keys = [next(self._keys) for _ in ids]
+        for index, (key, prompt, p) in enumerate(zip(keys, ids, params)):
+            self._commands.put(("add", key, prompt, p, out, index))
+        pending = set(keys)
+        try:
+            while pending:
+                batch = [out.get()]
+                while True:  # everything already produced, in one list like an engine step
+                    try:
+                        batch.append(out.get_nowait())
+                    except queue.Empty:
+                        break
+                events = []
+                for item in batch:
+                    if isinstance(item, _Failed):
+                        raise item.error
+                    key, event = item
+                    if event.finish_reason is not None:
+                        pending.discard(key)
+                    events.append(event)
+                yield events
+        finally:
+            for key in pending:  # closed early or failed: free the engine's resources
+                self._commands.put(("abort", key))
+
+    def generate(self, prompts: list[str | list[int]],
+                 params: list[SamplingParams]) -> list[GenerationResult]:
+        stream = self.generate_stream(prompts, params)
+        prompt_lens = [len(p) if isinstance(p, list) else self.count_tokens(p) for p in prompts]
+        return collect_results(stream, params, prompt_lens)
+
+    # -- engine side (the loop thread) ----------------------------------------------------------
+
+    def _apply(self, command: tuple) -> None:
+        if command[0] == "add":
+            _, key, prompt, p, out, index = command
+            self._outputs[key] = (out, index)
+            try:
+                self.engine.add_request(key, prompt, p)
+            except Exception as e:  # validated already; anything here is an engine fault
+                self._outputs.pop(key, None)
+                out.put(_Failed(e))
+        else:
+            _, key = command
+            if self._outputs.pop(key, None) is not None:
+                self.engine.abort(key)
+
+    def _run(self) -> None:
+        engine = self.engine
+        while True:
+            if not engine.has_unfinished():
+                self._apply(self._commands.get())  # idle: sleep until work arrives
+            while True:
+                try:
+                    self._apply(self._commands.get_nowait())
+                except queue.Empty:
+                    break
+            if not engine.has_unfinished():
+                continue
+            try:
+                events = engine.step()
+            except Exception as e:
+                log.exception("engine step failed; failing its %d requests", len(self._outputs))
+                for key, (out, _) in list(self._outputs.items()):
+                    out.put(_Failed(e))
+                    engine.abort(key)
+                self._outputs.clear()
+                continue
+            for key, ev in events:
+                target = self._outputs.get(key)
+                if target is None:
+                    continue  # aborted meanwhile
+                out, index = target
+                out.put((key, TokenEvent(index, ev.token, ev.text, ev.top_tokens,
+                                         ev.finish_reason, ev.prefill)))
+                if ev.finish_reason is not None:
+                    del self._outputs[key]
+
+
+def start_native_engine(model_dir: str, **options) -> EngineLoop:
+    """Build a NativeEngine and start its loop thread (the engine registry's "native")."""
+    from engines.native.engine import NativeEngine
+
+    return EngineLoop(NativeEngine(model_dir, **options))

@@ -1,0 +1,270 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) over a paged KV cache.
+
+Written for this engine: weights are read straight from the HF safetensors files (q/k/v and
+gate/up fused into one matmul each), every forward pass takes a flat batch of tokens from many
+sequences (prefill chunks and decode tokens mixed), and keys/values live in a block pool indexed
+by slot = block_id * block_size + offset.
+
+Shapes: T = tokens in the step, H = query heads, KV = key/value heads, D = head dim.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
+SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
+
+
+class UnsupportedModel(ValueError):
+    """The model cannot run on the native engine; the caller falls back to `hf`."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    sliding_window: int | None
+
+
+def read_spec(model_dir: str | Path) -> tuple[ModelSpec, dict]:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    archs = cfg.get("architectures") or []
+    arch = archs[0] if archs else {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                                   "qwen2": "Qwen2ForCausalLM"}.get(cfg.get("model_type"), "?")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise UnsupportedModel(f"architecture {arch} is not supported by the native engine "
+                               f"(supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))})")
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise UnsupportedModel(f"RoPE type {rope_type!r} is not supported by the native engine")
+    heads = cfg["num_attention_heads"]
+    hidden = cfg["hidden_size"]
+    use_sw = cfg.get("use_sliding_window", arch == "MistralForCausalLM")
+    spec = ModelSpec(
+        architecture=arch,
+        vocab_size=cfg["vocab_size"],
+        hidden_size=hidden,
+        num_layers=cfg["num_hidden_layers"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or hidden // heads,
+        intermediate_size=cfg["intermediate_size"],
+        rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+        max_position_embeddings=cfg.get("max_position_embeddings", 4096),
+        tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+        attention_bias=cfg.get("attention_bias", arch == "Qwen2ForCausalLM"),
+        sliding_window=cfg.get("sliding_window") if use_sw else None,
+    )
+    return spec, cfg
+
+
+def rope_inv_freq(model_dir: str | Path) -> tuple[torch.Tensor, float]:
+    """inv_freq [D/2] and the attention scaling for the model's RoPE variant, computed with
+    transformers' own functions so scaled variants (llama3, linear, yarn) match HF exactly."""
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    params = getattr(config, "rope_parameters", None) or {}
+    rope_type = params.get("rope_type", "default")
+    fn = (LlamaRotaryEmbedding.compute_default_rope_parameters if rope_type == "default"
+          else ROPE_INIT_FUNCTIONS[rope_type])
+    inv_freq, scaling = fn(config)
+    return inv_freq.float(), float(scaling)
+
+
+def _load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        raise UnsupportedModel(f"no *.safetensors files in {model_dir}")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        tensors.update(load_file(str(f)))
+    return tensors
+
+
+class LlamaModel:
+    """Weights and the forward pass. Not an nn.Module: there is nothing to train, and plain
+    tensors keep the hot loop free of module-call overhead."""
+
+    def __init__(self, model_dir: str | Path, *, dtype: torch.dtype, device: torch.device):
+        model_dir = Path(model_dir)
+        self.spec, _ = read_spec(model_dir)
+        s = self.spec
+        self.dtype, self.device = dtype, device
+        w = _load_tensors(model_dir)
+
+        def get(name: str) -> torch.Tensor:
+            if name not in w:
+                raise UnsupportedModel(f"weight {name!r} missing from {model_dir}")
+            return w.pop(name).to(device=device, dtype=dtype)
+
+        self.embed = get("model.embed_tokens.weight")  # [V, hidden]
+        self.layers = []
+        for i in range(s.num_layers):
+            p = f"model.layers.{i}."
+            qkv = torch.cat([get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
+                             get(p + "self_attn.v_proj.weight")])  # [(H + 2KV) * D, hidden]
+            qkv_b = None
+            if p + "self_attn.q_proj.bias" in w:
+                qkv_b = torch.cat([get(p + "self_attn.q_proj.bias"), get(p + "self_attn.k_proj.bias"),
+                                   get(p + "self_attn.v_proj.bias")])
+            self.layers.append({
+                "in_norm": get(p + "input_layernorm.weight"),
+                "qkv": qkv.t().contiguous(),  # [hidden, (H + 2KV) * D]: x @ W, no transpose per call
+                "qkv_b": qkv_b,
+                "o": get(p + "self_attn.o_proj.weight").t().contiguous(),
+                "post_norm": get(p + "post_attention_layernorm.weight"),
+                "gate_up": torch.cat([get(p + "mlp.gate_proj.weight"),
+                                      get(p + "mlp.up_proj.weight")]).t().contiguous(),
+                "down": get(p + "mlp.down_proj.weight").t().contiguous(),
+            })
+        self.norm = get("model.norm.weight")
+        if "lm_head.weight" in w and not s.tie_word_embeddings:
+            self.lm_head = get("lm_head.weight")  # [V, hidden]
+        else:
+            self.lm_head = self.embed
+        # A weight this forward pass does not use (o_proj or MLP biases, say) would silently
+        # give wrong outputs: refuse the model so the caller falls back to `hf`.
+        unused = sorted(k for k in w if k != "lm_head.weight" and not k.endswith("inv_freq"))
+        if unused:
+            raise UnsupportedModel(f"the native engine does not use weights {unused[:4]} of "
+                                   f"{model_dir}; run this model with the hf engine")
+        inv_freq, self.rope_scaling = rope_inv_freq(model_dir)
+        self.inv_freq = inv_freq.to(device)
+        self.scale = 1.0 / math.sqrt(s.head_dim)
+        self.q_size = s.num_heads * s.head_dim
+        self.kv_size = s.num_kv_heads * s.head_dim
+
+    # -- KV cache -------------------------------------------------------------------------------
+
+    def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        s = self.spec
+        shape = (num_blocks * block_size, s.num_kv_heads, s.head_dim)  # [slots, KV, D]
+        return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                 torch.zeros(shape, dtype=self.dtype, device=self.device))
+                for _ in range(s.num_layers)]
+
+    def kv_bytes_per_token(self) -> int:
+        s = self.spec
+        return 2 * s.num_layers * s.num_kv_heads * s.head_dim * torch.finfo(self.dtype).bits // 8
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # As HF computes it: in fp32, then back to the model dtype before the weight.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.spec.rms_norm_eps)
+        return weight * xf.to(x.dtype)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        cos = (freqs.cos() * self.rope_scaling).to(self.dtype)[:, None, :]  # [T, 1, D/2]
+        sin = (freqs.sin() * self.rope_scaling).to(self.dtype)[:, None, :]
+        return cos, sin
+
+    @staticmethod
+    def _apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # HF's rotate_half form, x * [cos, cos] + [-x2, x1] * [sin, sin], on the two halves
+        # directly: half the multiplies and no concatenated temporaries.
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        out = torch.empty_like(x)
+        torch.addcmul(x1 * cos, x2, sin, value=-1, out=out[..., :half])
+        torch.addcmul(x2 * cos, x1, sin, out=out[..., half:])
+        return out
+
+    def forward(self, batch: "StepBatch", kv_cache) -> torch.Tensor:
+        """Hidden states of the tokens whose logits are needed: [N, hidden]."""
+        s = self.spec
+        x = self.embed[batch.token_ids]  # [T, hidden]
+        cos, sin = self._rope(batch.positions)
+        for layer, (k_cache, v_cache) in zip(self.layers, kv_cache):
+            h = self._rms_norm(x, layer["in_norm"])
+            qkv = h @ layer["qkv"]  # [T, (H + 2KV) * D]
+            if layer["qkv_b"] is not None:
+                qkv = qkv + layer["qkv_b"]
+            q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+            q = self._apply_rope(q.view(-1, s.num_heads, s.head_dim), cos, sin)  # [T, H, D]
+            k = self._apply_rope(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin)  # [T, KV, D]
+            v = v.view(-1, s.num_kv_heads, s.head_dim)
+            k_cache.index_copy_(0, batch.slot_mapping, k)
+            v_cache.index_copy_(0, batch.slot_mapping, v)
+            attn = self._attention(q, k, v, k_cache, v_cache, batch)  # [T, H * D]
+            x = x + attn @ layer["o"]
+            h = self._rms_norm(x, layer["post_norm"])
+            gate, up = (h @ layer["gate_up"]).chunk(2, dim=-1)
+            x = x + (F.silu(gate) * up) @ layer["down"]
+        x = x[batch.logits_index]  # only the rows that sample: [N, hidden]
+        return self._rms_norm(x, self.norm)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (hidden @ self.lm_head.t()).float()  # [N, V]
+
+    def _attention(self, q, k, v, k_cache, v_cache, batch: "StepBatch") -> torch.Tensor:
+        s = self.spec
+        outs = []
+        # Decode rows (one query each) attend together: keys gathered into [B, L, KV, D] with a
+        # padding mask. Prefill chunks run one by one with a causal mask offset by their start.
+        if batch.decode_count:
+            nd = batch.decode_count
+            kd = k_cache[batch.decode_slots]  # [B, L, KV, D]
+            vd = v_cache[batch.decode_slots]
+            qd = q[:nd].unsqueeze(2)  # [B, H, 1, D]
+            o = F.scaled_dot_product_attention(
+                qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=batch.decode_mask,
+                scale=self.scale, enable_gqa=s.num_kv_heads != s.num_heads)  # [B, H, 1, D]
+            outs.append(o.reshape(nd, -1))
+        for start_row, n, slots, mask in batch.prefills:
+            qp = q[start_row:start_row + n].transpose(0, 1)  # [H, n, D]
+            if slots is None:
+                # A chunk from position 0 attends only to itself: use its fresh keys/values
+                # instead of gathering them back from the cache.
+                kp = k[start_row:start_row + n].transpose(0, 1)  # [KV, n, D]
+                vp = v[start_row:start_row + n].transpose(0, 1)
+            else:
+                kp = k_cache[slots].transpose(0, 1)  # [KV, L, D]
+                vp = v_cache[slots].transpose(0, 1)
+            o = F.scaled_dot_product_attention(
+                qp.unsqueeze(0), kp.unsqueeze(0), vp.unsqueeze(0), attn_mask=mask,
+                is_causal=mask is None, scale=self.scale,
+                enable_gqa=s.num_kv_heads != s.num_heads)  # [1, H, n, D]
+            outs.append(o[0].transpose(0, 1).reshape(n, -1))
+        return torch.cat(outs) if len(outs) > 1 else outs[0]
+
+
+@dataclass
+class StepBatch:
+    """Tensors for one forward pass. Rows are ordered: decode tokens first, then prefill chunks."""
+
+    token_ids: torch.Tensor  # [T] long
+    positions: torch.Tensor  # [T] long
+    slot_mapping: torch.Tensor  # [T] long: where each token's K/V is written
+    logits_index: torch.Tensor  # [N] long: rows whose logits are needed
+    decode_count: int
+    decode_slots: torch.Tensor | None  # [B, L] long: K/V slots of each decode row (padded)
+    decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool: True = attend
+    # (row, n, slots [L] | None, mask [n, L] | None); None, None: a chunk starting at position 0
+    # with no sliding window, attending causally to itself only.
+    prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]
