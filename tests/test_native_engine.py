@@ -362,3 +362,49 @@ def test_weights_the_model_would_ignore_are_refused(tmp_path):
     path = make_tiny_model(tmp_path / "biased", extra={"attention_bias": True})
     with pytest.raises(UnsupportedModel, match="o_proj.bias"):
         LlamaModel(path, dtype=torch.float32, device=torch.device("cpu"))
+
+
+# -- the engine loop: many request threads, one batch ------------------------------------------
+
+
+def test_loop_batches_concurrent_threads_and_matches_hf(dirs):
+    """Requests from 12 threads at once go through one engine thread; each gets exactly the
+    tokens HF generates for it alone."""
+    import concurrent.futures
+
+    from engines.native.loop import EngineLoop
+
+    path = dirs("llama")
+    prompts, params = workload(seed=11, n=12)
+    loop = EngineLoop(native(path, max_num_seqs=8, num_blocks=64))
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        results = list(pool.map(lambda a: loop.generate([a[0]], [a[1]])[0],
+                                zip(prompts, params)))
+    assert [r.token_ids for r in results] == expected(path, prompts, params)
+
+
+def test_loop_closing_a_stream_aborts_and_frees_blocks(dirs):
+    """A client that goes away closes its stream: the engine drops the request and frees its
+    KV blocks within a step, while the other request carries on."""
+    import time
+
+    from engines.native.loop import EngineLoop
+
+    path = dirs("llama")
+    engine = native(path, max_num_seqs=8, num_blocks=64)
+    loop = EngineLoop(engine)
+    free_at_start = engine.block_manager.num_free_blocks
+    long = SamplingParams(max_new_tokens=200, ignore_eos_token=True)
+    stream = loop.generate_stream([[5, 6, 7, 8]], [long])
+    other = loop.generate_stream([[9, 10, 11]], [SamplingParams(max_new_tokens=30,
+                                                                ignore_eos_token=True)])
+    next(stream)
+    next(stream)
+    stream.close()
+    got = [e for events in other for e in events]
+    assert len(got) == 30 and got[-1].finish_reason is not None
+    deadline = time.monotonic() + 5
+    while engine.block_manager.num_free_blocks != free_at_start and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.block_manager.num_free_blocks == free_at_start
+    assert not engine.has_unfinished()

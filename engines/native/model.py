@@ -161,6 +161,7 @@ class LlamaModel:
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         s = self.spec
+        self.block_size = block_size
         shape = (num_blocks * block_size, s.num_kv_heads, s.head_dim)  # [slots, KV, D]
         return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                  torch.zeros(shape, dtype=self.dtype, device=self.device))
@@ -200,7 +201,8 @@ class LlamaModel:
         s = self.spec
         x = self.embed[batch.token_ids]  # [T, hidden]
         cos, sin = self._rope(batch.positions)
-        for layer, (k_cache, v_cache) in zip(self.layers, kv_cache):
+        decode = self._decode_buffers(batch) if batch.decode_count else None
+        for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_cache)):
             h = self._rms_norm(x, layer["in_norm"])
             qkv = h @ layer["qkv"]  # [T, (H + 2KV) * D]
             if layer["qkv_b"] is not None:
@@ -211,7 +213,7 @@ class LlamaModel:
             v = v.view(-1, s.num_kv_heads, s.head_dim)
             k_cache.index_copy_(0, batch.slot_mapping, k)
             v_cache.index_copy_(0, batch.slot_mapping, v)
-            attn = self._attention(q, k, v, k_cache, v_cache, batch)  # [T, H * D]
+            attn = self._attention(q, k, v, k_cache, v_cache, batch, decode, i)  # [T, H * D]
             x = x + attn @ layer["o"]
             h = self._rms_norm(x, layer["post_norm"])
             gate, up = (h @ layer["gate_up"]).chunk(2, dim=-1)
@@ -222,18 +224,69 @@ class LlamaModel:
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (hidden @ self.lm_head.t()).float()  # [N, V]
 
-    def _attention(self, q, k, v, k_cache, v_cache, batch: "StepBatch") -> torch.Tensor:
+    # -- decode attention ------------------------------------------------------------------------
+    #
+    # Decode rows need every earlier key/value of their sequence side by side. Gathering them
+    # from the block pool each step copies the whole live KV cache once per step, which on a CPU
+    # costs as much as the attention itself (memory bandwidth). So on CPU the decode batch keeps
+    # a contiguous copy per layer, [B, KV, capacity, D]: while the same sequences keep decoding
+    # (the common case) each step only appends one row per sequence; when the set changes, the
+    # copy is rebuilt from the pool. On GPU the gather is cheap and memory is not, so it gathers.
+
+    def _decode_buffers(self, batch: "StepBatch") -> dict | None:
+        if self.device.type != "cpu":
+            return None
+        s = self.spec
+        nd = batch.decode_count
+        length = batch.decode_slots.shape[1] * self.block_size
+        st = getattr(self, "_decode_state", None)
+        reuse = (st is not None and st["key"] == batch.decode_key and length <= st["cap"]
+                 and all(a == b + 1 for a, b in zip(batch.decode_lens, st["lens"])))
+        if not reuse:
+            cap = length + 8 * self.block_size  # room for 8 blocks of growth before a rebuild
+            shape = (nd, s.num_kv_heads, cap, s.head_dim)  # head-major: what SDPA reads
+            st = {"key": batch.decode_key, "cap": cap,
+                  # Zeroed, not empty: masked positions still enter q.k, and garbage there
+                  # (NaN/inf) would poison the softmax even with a zero weight.
+                  "bufs": [(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                            torch.zeros(shape, dtype=self.dtype, device=self.device))
+                           for _ in self.layers]}
+            self._decode_state = st
+        st["lens"] = batch.decode_lens
+        st["reuse"] = reuse
+        st["rows"] = torch.arange(nd, device=self.device)
+        st["last"] = torch.tensor(batch.decode_lens, device=self.device) - 1  # [B] new positions
+        st["length"] = length
+        return st
+
+    def _attention(self, q, k, v, k_cache, v_cache, batch: "StepBatch", decode: dict | None,
+                   layer: int) -> torch.Tensor:
         s = self.spec
         outs = []
-        # Decode rows (one query each) attend together: keys gathered into [B, L, KV, D] with a
-        # padding mask. Prefill chunks run one by one with a causal mask offset by their start.
+        # Decode rows (one query each) attend together over [B, L, KV, D] keys with a padding
+        # mask. Prefill chunks run one by one with a causal mask offset by their start.
         if batch.decode_count:
             nd = batch.decode_count
-            kd = k_cache[batch.decode_slots]  # [B, L, KV, D]
-            vd = v_cache[batch.decode_slots]
+            nb = batch.decode_slots.shape[1]
+            length = nb * self.block_size
+            if decode is None or not decode["reuse"]:
+                kd = k_cache.view(-1, self.block_size, s.num_kv_heads, s.head_dim)[
+                    batch.decode_slots].view(nd, length, s.num_kv_heads, s.head_dim)
+                vd = v_cache.view(-1, self.block_size, s.num_kv_heads, s.head_dim)[
+                    batch.decode_slots].view(nd, length, s.num_kv_heads, s.head_dim)
+                kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # [B, KV, L, D]
+                if decode is not None:
+                    kb, vb = decode["bufs"][layer]
+                    kb[:, :, :length].copy_(kd)
+                    vb[:, :, :length].copy_(vd)
+            else:
+                kb, vb = decode["bufs"][layer]
+                kb[decode["rows"], :, decode["last"]] = k[:nd]  # [B, KV, D] at each row's end
+                vb[decode["rows"], :, decode["last"]] = v[:nd]
+                kd, vd = kb[:, :, :length], vb[:, :, :length]  # [B, KV, L, D]
             qd = q[:nd].unsqueeze(2)  # [B, H, 1, D]
             o = F.scaled_dot_product_attention(
-                qd, kd.transpose(1, 2), vd.transpose(1, 2), attn_mask=batch.decode_mask,
+                qd, kd, vd, attn_mask=batch.decode_mask,
                 scale=self.scale, enable_gqa=s.num_kv_heads != s.num_heads)  # [B, H, 1, D]
             outs.append(o.reshape(nd, -1))
         for start_row, n, slots, mask in batch.prefills:
@@ -263,8 +316,10 @@ class StepBatch:
     slot_mapping: torch.Tensor  # [T] long: where each token's K/V is written
     logits_index: torch.Tensor  # [N] long: rows whose logits are needed
     decode_count: int
-    decode_slots: torch.Tensor | None  # [B, L] long: K/V slots of each decode row (padded)
+    decode_slots: torch.Tensor | None  # [B, NB] long: block table of each decode row (padded)
     decode_mask: torch.Tensor | None  # [B, 1, 1, L] bool: True = attend
     # (row, n, slots [L] | None, mask [n, L] | None); None, None: a chunk starting at position 0
     # with no sliding window, attending causally to itself only.
     prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]
+    decode_key: tuple[int, ...] = ()  # seq ids of the decode rows, in order
+    decode_lens: tuple[int, ...] = ()  # their lengths including this step's token

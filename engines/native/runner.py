@@ -80,10 +80,11 @@ class ModelRunner:
             max_len = max(lengths)
             bs = self.block_size
             max_blocks = -(-max_len // bs)
-            table_t = torch.tensor([(tables[c.seq_id] + [0] * max_blocks)[:max_blocks]
-                                    for c in decodes], dtype=torch.long, device=dev)  # [B, NB]
-            pos = torch.arange(max_len, device=dev)  # [L]
-            decode_slots = table_t[:, pos // bs] * bs + pos % bs  # [B, L]
+            # Whole blocks are gathered (one contiguous block_size x KV x D copy each), so the
+            # key axis is padded to a block multiple and masked past each row's length.
+            decode_slots = torch.tensor([(tables[c.seq_id] + [0] * max_blocks)[:max_blocks]
+                                         for c in decodes], dtype=torch.long, device=dev)  # [B, NB]
+            pos = torch.arange(max_blocks * bs, device=dev)  # [L = NB * bs]
             lens = torch.tensor(lengths, device=dev)[:, None]  # [B, 1]
             mask = pos[None, :] < lens  # [B, L]
             if self.sliding_window:
@@ -130,6 +131,8 @@ class ModelRunner:
             decode_count=len(decodes),
             decode_slots=decode_slots,
             decode_mask=decode_mask,
+            decode_key=tuple(c.seq_id for c in decodes),
+            decode_lens=tuple(lengths),
             prefills=prefill_parts,
         )
         return batch, logits_seq, prompt_rows
