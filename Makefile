@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 PORT ?= 8080
 
-.PHONY: install model serve test test-fast bench clean docker-deps smoke
+.PHONY: install model serve test test-fast bench clean system-deps docker-deps smoke
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,19 +22,26 @@ model: install
 serve: model
 	SAGEMAKER_BIND_TO_PORT=$(PORT) $(PY) -m container serve
 
-test: install docker-deps
+test: install system-deps
 	$(PY) -m pytest -q tests
 
 test-fast: install
 	$(PY) -m pytest -q tests -m "not e2e"
 
-# podman (no Docker engine here) for docker/smoke-test.sh; without it that test is skipped.
-docker-deps:
-	@command -v podman >/dev/null && command -v runc >/dev/null && command -v debootstrap >/dev/null \
+# System packages from Debian: OpenMPI (mpirun launches tensor-parallel worker groups) and
+# podman (no Docker engine here) for docker/smoke-test.sh. Installed when missing and root;
+# otherwise the tests that need them skip and say why.
+SYSTEM_TOOLS := mpirun podman runc debootstrap
+SYSTEM_PACKAGES := openmpi-bin podman runc debootstrap
+system-deps:
+	@missing=0; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing=1; done; \
+	[ $$missing = 0 ] \
 	|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	     && { apt-get update -q >/dev/null; DEBIAN_FRONTEND=noninteractive \
-	          apt-get install -y -q podman runc debootstrap >/dev/null; }; } \
-	|| echo "docker-deps: podman not installed: the image smoke test will be skipped"
+	          apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null; }; } \
+	|| echo "system-deps: could not install $(SYSTEM_PACKAGES): TP and image tests will skip"
+
+docker-deps: system-deps
 
 smoke: docker-deps model
 	docker/smoke-test.sh

@@ -65,6 +65,8 @@ ENV_VARS: tuple[EnvVar, ...] = (
     EnvVar("SAGEMAKER_MAX_PAYLOAD_IN_MB", "server.max_request_size", "max body MiB"),
     EnvVar("LMC_CACHE", "server.cache_dir", "cache dir (default ~/.cache/lmc)"),
     EnvVar("LMC_LOG_LEVEL", "server.log_level", "logging level (default INFO)"),
+    EnvVar("LMC_CPU_DEVICES", "server.cpu_devices", "CPU rank slots for TP groups (default TP)"),
+    EnvVar("LMC_MPIRUN", "server.mpirun", "mpirun to launch TP groups (default: on PATH)"),
 )
 
 _ENV_BY_NAME = {e.name: e for e in ENV_VARS}

@@ -20,6 +20,7 @@ from aiohttp import web
 from container import errors as E
 from container import invoke, llm_routes, sagemaker_runtime
 from container.config import (ConfigError, ModelSpec, ServerConfig, load_model_config)
+from container.groups import LayoutError
 from container.wlm import Model, ModelStatus
 
 log = logging.getLogger("lmc.server")
@@ -67,7 +68,10 @@ class ModelManager:
             cfg = load_model_config(spec.name, spec.model_dir, overrides=overrides)
         except ConfigError as e:
             raise E.BadRequest(str(e)) from None
-        model = Model(cfg)
+        try:
+            model = Model(cfg)
+        except (LayoutError, ValueError) as e:
+            raise E.BadRequest(f"model {spec.name!r}: {e}") from None
         self.models[spec.name] = model
         self.created[spec.name] = int(time.time())
         log.info("registering model %s from %s (batch_size=%d, max_batch_delay=%dms, "

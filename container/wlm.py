@@ -18,7 +18,9 @@ import enum
 import itertools
 import logging
 import os
+import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -28,6 +30,7 @@ from dataclasses import dataclass, field
 from container import protocol as P
 from container.batcher import collect_batch
 from container.config import ModelConfig
+from container.groups import GroupSpec, LayoutError, count_gpus, parse_tp, plan_groups
 from container.errors import (LmcError, ModelNotReady, PredictTimeout, QueueFull,
                               ServiceUnavailable, WorkerDied)
 
@@ -117,13 +120,18 @@ class WorkerInfo:
     permanent: bool
     started_at: float
     requests: int
+    tp: int = 1
+    ranks: list[dict] = field(default_factory=list)  # [{"rank", "pid"}] of a TP group
+    devices: str | None = None  # its CUDA_VISIBLE_DEVICES slice
 
 
 class Worker:
     """One worker process (rank 0 of a group) and the connection to it."""
 
-    def __init__(self, model: Model, *, permanent: bool) -> None:
+    def __init__(self, model: Model, *, permanent: bool, group: GroupSpec) -> None:
         self.model = model
+        self.group = group
+        self.rank_pids: list[int] = []
         self.id = next(_worker_ids)
         self.permanent = permanent
         self.state = WorkerState.STARTING
@@ -143,7 +151,26 @@ class Worker:
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.id, self.proc.pid if self.proc else None, self.state.value,
-                          self.permanent, self.started_at, self.requests)
+                          self.permanent, self.started_at, self.requests, self.group.tp,
+                          [{"rank": r, "pid": p} for r, p in enumerate(self.rank_pids)],
+                          self.group.visible_devices)
+
+    def _command(self) -> list[str]:
+        """One process, or `mpirun -np TP` of them for a tensor-parallel group (or engine=MPI
+        / DeepSpeed, which LMI runs under MPI even at TP=1)."""
+        worker = [sys.executable, "-m", "handlers.worker", "--socket", self.sock_path,
+                  "--name", f"{self.model.name}/w{self.id}"]
+        if self.group.tp == 1 and self.model.config.engine == "Python":
+            return worker
+        mpirun = os.environ.get("LMC_MPIRUN") or shutil.which("mpirun")
+        if mpirun is None:
+            raise WorkerDied(f"tensor_parallel_degree={self.group.tp} (engine="
+                             f"{self.model.config.engine}) runs each worker group under mpirun, "
+                             f"which is not installed; install OpenMPI (Debian: openmpi-bin)")
+        # Local ranks inherit this environment; --bind-to none leaves thread placement to
+        # torch; oversubscribe lets a CPU-only host run more ranks than it has slots.
+        return [mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
+                "-np", str(self.group.tp), *worker]
 
     async def start(self) -> None:
         """Spawn the process and wait for its Ready; raises LmcError if loading fails."""
@@ -158,9 +185,12 @@ class Worker:
         self._server = await asyncio.start_unix_server(on_connect, path=self.sock_path)
         env = dict(os.environ)
         env.update(self.model.worker_env)
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "handlers.worker", "--socket", self.sock_path,
-            "--name", f"{self.model.name}/w{self.id}", env=env)
+        if self.group.visible_devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = self.group.visible_devices
+        if self.group.tp > 1:
+            env["MASTER_ADDR"] = "127.0.0.1"
+            env["MASTER_PORT"] = str(_free_port())
+        self.proc = await asyncio.create_subprocess_exec(*self._command(), env=env)
         log.info("model %s: worker %d starting (pid %d)", self.model.name, self.id, self.proc.pid)
         exit_wait = asyncio.ensure_future(self.proc.wait())
         try:
@@ -194,6 +224,7 @@ class Worker:
             await self.kill()
             raise WorkerDied(f"worker sent {type(msg).__name__} instead of Ready")
         self.state = WorkerState.READY
+        self.rank_pids = [int(p) for p in msg.info.get("ranks", str(msg.pid)).split(",")]
         # A continuous-batching worker takes many requests at once; others one batch at a time.
         self.max_concurrency = max(1, int(msg.info.get("max_concurrency", "1")))
         self._reader_task = asyncio.create_task(self._read_loop(reader))
@@ -319,6 +350,12 @@ class Worker:
                 pass
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _exit_text(rc: int | None) -> str:
     if rc is None:
         return "unknown status"
@@ -351,6 +388,21 @@ class Model:
         self.init_properties = config.init_properties()
         self.consecutive_failures = 0
         self.ever_ready = False
+        # Tensor-parallel layout: each worker is a group of `tp` ranks on its own device slice.
+        # Without GPUs and TP=1 any number of workers fit (None: unconstrained).
+        gpus = count_gpus()
+        self.tp = parse_tp(config.options.get("tensor_parallel_degree"), len(gpus))
+        cpu_slots = os.environ.get("LMC_CPU_DEVICES")
+        self.device_groups: list[GroupSpec] | None = None
+        if gpus or self.tp > 1:
+            self.device_groups = plan_groups(tp=self.tp, gpus=gpus,
+                                             cpu_devices=int(cpu_slots) if cpu_slots else None)
+            if self.max_workers > len(self.device_groups):
+                log.info("model %s: %d worker group(s) of TP=%d fit the devices; maxWorkers=%d "
+                         "lowered to %d", config.name, len(self.device_groups), self.tp,
+                         self.max_workers, len(self.device_groups))
+                self.max_workers = len(self.device_groups)
+                self.min_workers = min(self.min_workers, self.max_workers)
         self._tasks: set[asyncio.Task] = set()
         self._starting = 0
         self._loaded = asyncio.get_running_loop().create_future()
@@ -369,11 +421,12 @@ class Model:
     def _start_worker(self, *, permanent: bool) -> asyncio.Future:
         """Add a worker now (so concurrent callers see it in `workers` and `_starting` at once)
         and start its process in a task; the returned future gives the Worker or None."""
-        if self.status in (ModelStatus.FAILED, ModelStatus.STOPPED):
+        group = self._free_group()
+        if self.status in (ModelStatus.FAILED, ModelStatus.STOPPED) or group is None:
             done = asyncio.get_running_loop().create_future()
             done.set_result(None)
             return done
-        w = Worker(self, permanent=permanent)
+        w = Worker(self, permanent=permanent, group=group)
         self.workers.append(w)
         self._starting += 1
         return self._spawn(self._boot(w, permanent=permanent))
@@ -405,6 +458,13 @@ class Model:
                 self._loaded.set_result(None)
         self._spawn(self._dispatch_loop(w))
         return w
+
+    def _free_group(self) -> GroupSpec | None:
+        """The device slice for a new worker, or None when every slice is taken."""
+        if self.device_groups is None:
+            return GroupSpec(0, 1, ())
+        taken = {w.group.index for w in self.workers}
+        return next((g for g in self.device_groups if g.index not in taken), None)
 
     def _spawn(self, coro) -> asyncio.Task:
         t = asyncio.create_task(coro)
@@ -567,6 +627,9 @@ class Model:
             hi = lo
         if lo > hi:
             raise ValueError(f"min_worker={lo} is greater than max_worker={hi}")
+        if self.device_groups is not None and hi > len(self.device_groups):
+            raise ValueError(f"max_worker={hi}: only {len(self.device_groups)} worker group(s) "
+                             f"of tensor_parallel_degree={self.tp} fit the devices")
         self.min_workers, self.max_workers = lo, hi
         # Promote temporaries to permanent, or demote the extras.
         for i, w in enumerate(self.workers):
@@ -593,6 +656,7 @@ class Model:
             "maxWorkers": self.max_workers,
             "queueSize": self.queue.maxsize,
             "queueLength": self.queue.qsize(),
+            "tensorParallelDegree": self.tp,
             "workers": [vars(w.info()) for w in self.workers],
         }
 

@@ -157,6 +157,19 @@ class LLMHandler:
         return get_engine_class(choice.name)(model_dir, **choice.kwargs)
 
     @property
+    def coordinates_ranks(self) -> bool:
+        """Whether the engine drives a tensor-parallel group's other ranks itself."""
+        return hasattr(self.engine, "follow")
+
+    def follow(self) -> None:
+        self.engine.follow()
+
+    def shutdown(self) -> None:
+        stop = getattr(self.engine, "shutdown", None)
+        if stop is not None:
+            stop()
+
+    @property
     def max_concurrency(self) -> int:
         """How many requests this handler can serve at once (the worker runs that many
         handle() calls in parallel threads): >1 only for a continuous-batching engine."""

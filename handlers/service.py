@@ -115,6 +115,24 @@ class ModelService:
         self.source = source  # where the handler came from, for logs and error messages
 
     @property
+    def coordinates_ranks(self) -> bool:
+        """True when the handler's engine drives the other ranks of a tensor-parallel group
+        itself (the native engine broadcasts every step); then ranks > 0 call `follow()`.
+        Otherwise every rank runs every request (DeepSpeed, custom model.py)."""
+        owner = getattr(self.handle, "__self__", None)
+        return bool(getattr(owner, "coordinates_ranks", False))
+
+    def follow(self) -> None:
+        """On a rank > 0: serve the engine's steps until rank 0 shuts it down."""
+        self.handle.__self__.follow()
+
+    def shutdown(self) -> None:
+        owner = getattr(self.handle, "__self__", None)
+        stop = getattr(owner, "shutdown", None)
+        if stop is not None:
+            stop()
+
+    @property
     def max_concurrency(self) -> int:
         """Requests the handler can serve at once. A handler object may say so with a
         `max_concurrency` attribute (the LLM handler on a continuous-batching engine does);

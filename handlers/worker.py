@@ -19,6 +19,7 @@ import sys
 import threading
 
 from container import protocol as P
+from handlers.ranks import RankGroup, rank_and_world
 
 log = logging.getLogger("lmc.worker")
 
@@ -61,10 +62,12 @@ class WorkerLoop:
             log.error("connection to the front end broke: %s", e)
         self.inbox.put(None)  # EOF: the front end is gone or closed us
 
-    def run(self, service) -> None:
+    def run(self, service, *, replicate_to: RankGroup | None = None) -> None:
+        """Serve until Shutdown or EOF. With `replicate_to`, every request batch is first
+        broadcast to the group's other ranks, which run it too (one at a time, in order)."""
         threading.Thread(target=self._reader, name="lmc-reader", daemon=True).start()
         pool = None
-        if service.max_concurrency > 1:
+        if service.max_concurrency > 1 and replicate_to is None:
             # A continuous-batching handler: every request gets its own thread, which blocks
             # on its tokens while the engine batches all of them on the engine thread.
             from concurrent.futures import ThreadPoolExecutor
@@ -74,8 +77,12 @@ class WorkerLoop:
             while True:
                 msg = self.inbox.get()
                 if msg is None or isinstance(msg, P.Shutdown):
+                    if replicate_to is not None:
+                        replicate_to.broadcast(None)  # release the other ranks
                     return
                 if isinstance(msg, P.Request):
+                    if replicate_to is not None:
+                        replicate_to.broadcast(msg.items)
                     if pool is None:
                         self._serve(service, msg.items)
                     else:
@@ -132,30 +139,71 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--socket", required=True)
     ap.add_argument("--name", default="worker")
     args = ap.parse_args(argv)
+    rank, world = rank_and_world()
+    name = args.name if world == 1 else f"{args.name} rank {rank}/{world}"
     logging.basicConfig(level=os.environ.get("LMC_LOG_LEVEL", "INFO").upper(),
-                        format=f"%(asctime)s %(levelname)s [{args.name}] %(name)s: %(message)s")
+                        format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
     _die_with_parent()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    sock.connect(args.socket)
-    init = P.read_message_blocking(sock)
-    if not isinstance(init, P.Init):
-        log.error("expected Init, got %r", init)
-        return 2
-    loop = WorkerLoop(sock)
+    group = RankGroup(rank, world) if world > 1 else None
+    loop = None
+    if rank == 0:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.connect(args.socket)
+        init = P.read_message_blocking(sock)
+        if not isinstance(init, P.Init):
+            log.error("expected Init, got %r", init)
+            return 2
+        loop = WorkerLoop(sock)
+        if group is not None:  # every rank gets the init call
+            group.broadcast((init.model_name, init.model_dir, init.properties))
+    else:
+        init = P.Init(*group.broadcast())
     try:
         from handlers.service import ModelService
 
         service = ModelService.load(init.model_dir, init.properties)
     except Exception as e:  # any load failure goes to the front end with its message
         log.exception("loading model %s failed", init.model_name)
-        loop.send(P.InitFailed(f"{type(e).__name__}: {e}"))
-        return 1
-    loop.send(P.Ready(os.getpid(), {"model": init.model_name,
-                                    "max_concurrency": str(service.max_concurrency)}))
-    loop.run(service)
+        if loop is not None:
+            loop.send(P.InitFailed(f"{type(e).__name__}: {e}"))
+        return 1  # on a group, mpirun then takes the other ranks down
+
+    info = {"model": init.model_name, "max_concurrency": str(service.max_concurrency)}
+    if group is not None:
+        info["ranks"] = ",".join(str(p) for p in group.all_gather(os.getpid()))
+        info["tp"] = str(world)
+    if rank == 0:
+        loop.send(P.Ready(os.getpid(), info))
+        if group is None:
+            loop.run(service)
+        elif service.coordinates_ranks:
+            # The engine drives the other ranks itself, step by step.
+            try:
+                loop.run(service)
+            finally:
+                service.shutdown()
+        else:
+            loop.run(service, replicate_to=group)
+    elif service.coordinates_ranks:
+        service.follow()
+    else:
+        _replica(service, group)
     return 0
+
+
+def _replica(service, group: RankGroup) -> None:
+    """A rank > 0 of a group whose handler runs on every rank in lockstep (e.g. DeepSpeed):
+    take each request batch rank 0 broadcasts, run it, and drop the results."""
+    while True:
+        items = group.broadcast()
+        if items is None:
+            return
+        for result in service.invoke(items):
+            if result.stream is not None:
+                for _ in result.stream:  # the engine steps in lockstep with rank 0's
+                    pass
 
 
 if __name__ == "__main__":

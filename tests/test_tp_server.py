@@ -1,0 +1,65 @@
+"""Tensor-parallel worker groups for real: `mpirun -np 2` ranks behind one worker, rank 0 on
+the front end's socket, every rank receiving the init call and each request."""
+
+import asyncio
+import os
+import shutil
+import signal
+import time
+
+import aiohttp
+import pytest
+
+from server_utils import LmcServer, model_dir
+
+pytestmark = pytest.mark.skipif(shutil.which("mpirun") is None,
+                                reason="mpirun (Debian openmpi-bin) is not installed")
+
+
+def test_group_of_two_ranks_serves_and_recovers_from_a_dead_rank(tmp_path):
+    d = model_dir(tmp_path, "tp_echo", "option.tensor_parallel_degree=2\n")
+    with LmcServer(["--model-dir", str(d)], timeout_s=120) as s:
+        [desc] = s.request("GET", "/models/tp_echo").json()
+        assert desc["tensorParallelDegree"] == 2
+        [worker] = desc["workers"]
+        assert worker["tp"] == 2 and [r["rank"] for r in worker["ranks"]] == [0, 1]
+        pids = [r["pid"] for r in worker["ranks"]]
+
+        r = s.post("/invocations", {"n": 7})
+        assert r.status == 200, r.body
+        body = r.json()
+        assert body["world"] == 2 and body["init_tp"] == "2"
+        assert [x["rank"] for x in body["seen"]] == [0, 1]  # both ranks ran this request
+        assert [x["pid"] for x in body["seen"]] == pids and all(x["n"] == 7 for x in body["seen"])
+
+        async def kill_rank_1_mid_request():
+            async with aiohttp.ClientSession() as sess:
+                req = asyncio.ensure_future(sess.post(s.url + "/invocations",
+                                                      json={"sleep": 20, "n": 1}))
+                await asyncio.sleep(1.0)
+                os.kill(pids[1], signal.SIGKILL)
+                t = time.monotonic()
+                resp = await req
+                return resp.status, await resp.json(), time.monotonic() - t
+
+        status, err, dt = asyncio.run(kill_rank_1_mid_request())
+        assert status == 500 and err["type"] == "WorkerDied" and dt < 10
+
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:  # the group is relaunched
+            r = s.post("/invocations", {"n": 2})
+            if r.status == 200:
+                break
+            time.sleep(0.5)
+        assert r.status == 200 and [x["rank"] for x in r.json()["seen"]] == [0, 1]
+        [desc] = s.request("GET", "/models/tp_echo").json()
+        assert {r["pid"] for r in desc["workers"][0]["ranks"]}.isdisjoint(pids)
+
+
+def test_tp_without_enough_cpu_slots_fails_startup_clearly(tmp_path):
+    d = model_dir(tmp_path, "tp_echo", "option.tensor_parallel_degree=2\n")
+    with LmcServer(["--model-dir", str(d)], env={"LMC_CPU_DEVICES": "1"},
+                   wait_status=None) as s:
+        rc = s.proc.wait(60)
+        out = s.proc.stdout.read().decode()
+    assert rc != 0 and "LMC_CPU_DEVICES=1" in out
