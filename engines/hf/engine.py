@@ -21,8 +21,8 @@ from typing import Any
 import torch
 
 from engines.hf.detokenizer import TextStream
-from engines.hf.sampling import BatchSampler
 from engines.prompt import prompt_ids as checked_prompt_ids
+from engines.sampler import RowState, sample_rows
 from engines.types import (
     FinishReason,
     GenerationResult,
@@ -168,17 +168,12 @@ class HFEngine:
             for i, row in enumerate(rows)
         ]  # fmt: skip
         logits = logits[:, -1, :]  # [B, V]
-        sampler = BatchSampler(
-            [row.params for row in rows],
-            [row.prompt_ids for row in rows],
-            [row.stop_ids for row in rows],
-            vocab_size=logits.shape[-1],
-            device=self.device,
-        )
+        states = [RowState(row.params, row.prompt_ids, row.stop_ids, device=self.device)
+                  for row in rows]
 
         live = rows  # the rows still in the batch, in batch order
         while True:
-            step = sampler.step(logits)
+            step = sample_rows(logits, [states[row.index] for row in live])
             events = [
                 self._advance(row, token_id, log_prob, top, prefills[row.index])
                 for row, token_id, log_prob, top in zip(
@@ -200,7 +195,6 @@ class HFEngine:
                 attention_mask, position_ids, next_ids = (
                     attention_mask[index], position_ids[index], next_ids[index]
                 )  # fmt: skip
-                sampler.keep(keep)
                 live = [live[i] for i in keep]
             attention_mask = torch.cat(
                 [attention_mask, attention_mask.new_ones((len(live), 1))], dim=1
