@@ -10,6 +10,7 @@ import importlib
 
 # name -> "module:attribute". Add an engine by adding a line here.
 _ENGINES: dict[str, str] = {
+    "deepspeed": "engines.deepspeed.engine:DeepSpeedEngine",
     "hf": "engines.hf.engine:HFEngine",
     "native": "engines.native.loop:start_native_engine",
 }

@@ -41,6 +41,7 @@ class WorkerLoop:
         self.aborted: set[int] = set()
         self._lock = threading.Lock()  # guards `aborted` between reader and main thread
         self._send_lock = threading.Lock()
+        self.lockstep = False  # set when other ranks replicate every request with this one
 
     def send(self, *msgs: P.Message) -> None:
         data = b"".join(P.encode(m) for m in msgs)
@@ -66,6 +67,7 @@ class WorkerLoop:
         """Serve until Shutdown or EOF. With `replicate_to`, every request batch is first
         broadcast to the group's other ranks, which run it too (one at a time, in order)."""
         threading.Thread(target=self._reader, name="lmc-reader", daemon=True).start()
+        self.lockstep = replicate_to is not None
         pool = None
         if service.max_concurrency > 1 and replicate_to is None:
             # A continuous-batching handler: every request gets its own thread, which blocks
@@ -115,14 +117,20 @@ class WorkerLoop:
         self.send(P.Response(rid, r.code, r.message, r.headers, r.body, stream=True))
         error = None
         gen = r.stream
+        aborted = False
         try:
             for chunk in gen:
-                with self._lock:
-                    if rid in self.aborted:
+                if not aborted:
+                    with self._lock:
+                        aborted = rid in self.aborted
                         self.aborted.discard(rid)
+                    if aborted:
                         log.info("request %d aborted by the client", rid)
-                        break
-                if chunk:
+                        if not self.lockstep:
+                            break
+                        # The other ranks step this stream with us: run it to its end
+                        # without sending, or they would wait forever in a collective.
+                if chunk and not aborted:
                     self.send(P.Chunk(rid, chunk))
         except Exception as e:  # the stream broke after its first byte: tell the client
             log.exception("stream of request %d failed", rid)

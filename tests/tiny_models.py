@@ -99,12 +99,13 @@ def make_tiny_model(
     seed: int = 0,
     max_position_embeddings: int = 256,
     num_kv_heads: int = 2,
+    num_heads: int = 4,
     tie_word_embeddings: bool = False,
     rope_parameters: dict | None = None,
     extra: dict | None = None,
 ) -> Path:
     """Write a tiny random-weight Llama-family model (`arch`: llama, mistral, qwen2) and its
-    tokenizer to `path`: hidden 64, 2 layers, 4 query heads."""
+    tokenizer to `path`: hidden 64, 2 layers, 4 query heads (`num_heads`)."""
     import torch
     import transformers
 
@@ -119,7 +120,7 @@ def make_tiny_model(
         hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
+        num_attention_heads=num_heads,
         num_key_value_heads=num_kv_heads,  # 2: grouped-query attention, as in SmolLM2, Llama 3
         max_position_embeddings=max_position_embeddings,
         # Larger than the default 0.02 so logits are spread out: greedy choices then do not

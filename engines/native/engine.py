@@ -6,6 +6,11 @@
 
 `generate_stream` / `generate` offer the same batch API as the `hf` engine on top of that, so the
 LLM handler can use either engine.
+
+With tensor parallelism (tp_size > 1, parallel.py) every rank builds a NativeEngine over its
+shard of the weights. Rank 0's is the one above: it schedules, broadcasts each step's plan and
+samples. The other ranks call `follow()`, which runs every broadcast plan until rank 0's
+`shutdown()`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import torch
 from engines.hf.detokenizer import TextStream
 from engines.native.block_manager import BlockManager
 from engines.native.model import LlamaModel, read_spec
+from engines.native.plan import Keepalive, Shutdown, StepPlan, make_plan
 from engines.native.runner import ModelRunner
 from engines.native.scheduler import Scheduler
 from engines.native.sequence import Sequence
@@ -54,22 +60,36 @@ class NativeEngine:
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 2048,
                  block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_gb: float | None = None, gpu_memory_utilization: float = 0.9,
-                 enable_prefix_caching: bool = True) -> None:
+                 enable_prefix_caching: bool = True, tp_size: int = 1) -> None:
         from transformers import AutoTokenizer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         path = Path(model_dir)
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         spec, cfg = read_spec(path)
+        self.tp = None
+        if tp_size > 1:
+            from engines.native.parallel import TensorParallel, check_divisible
+
+            # Before touching the process group: a model that cannot split is a config error.
+            check_divisible(num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
+                            intermediate_size=spec.intermediate_size, tp_size=tp_size)
+            self.tp = TensorParallel(tp_size)
+        if device is None and torch.cuda.is_available():
+            # With TP the worker has set each rank's device (its slice of CUDA_VISIBLE_DEVICES).
+            device = f"cuda:{torch.cuda.current_device()}" if self.tp else "cuda"
+        self.device = torch.device(device or "cpu")
         self.dtype = self._resolve_dtype(dtype, cfg)
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.model = LlamaModel(path, dtype=self.dtype, device=self.device)
+        self.model = LlamaModel(path, dtype=self.dtype, device=self.device, tp=self.tp)
         self.max_context = spec.max_position_embeddings
         self.vocab_size = spec.vocab_size
         self.eos_token_ids = self._eos_ids(cfg, path)
         self._special_ids = frozenset(self.tokenizer.all_special_ids)
         if num_blocks is None:
             num_blocks = self._num_blocks(block_size, kv_cache_gb, gpu_memory_utilization)
+        if self.tp is not None:
+            # Every rank must page identically: the smallest pool any rank can hold.
+            num_blocks = self.tp.min_int(num_blocks)
         self.block_manager = BlockManager(num_blocks, block_size,
                                           enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
@@ -83,8 +103,10 @@ class NativeEngine:
         self._seq_ids = itertools.count()
         # Seq ids whose prompt log-probs are still being computed (decoder_input_details).
         self._want_prompt_lps: set[int] = set()
-        log.info("native engine: %s %s on %s, %d KV blocks of %d tokens", spec.architecture,
-                 self.dtype, self.device, num_blocks, block_size)
+        self._stopped = False
+        log.info("native engine: %s %s on %s, %d KV blocks of %d tokens%s", spec.architecture,
+                 self.dtype, self.device, num_blocks, block_size,
+                 f", tensor-parallel rank {self.tp.rank} of {self.tp.size}" if self.tp else "")
 
     # -- setup helpers --------------------------------------------------------------------------
 
@@ -178,13 +200,18 @@ class NativeEngine:
 
     def step(self) -> list[tuple[object, TokenEvent]]:
         """One engine step: (request id, event) for every request that produced a token."""
+        assert self.is_leader, "ranks > 0 run follow(), never step()"
+        if self._stopped:
+            raise RuntimeError("the native engine was shut down")
         out = self.scheduler.schedule()
         if out.is_empty:
             return []
-        ran = self.runner.run(out, self.scheduler.seqs,
-                              {c.seq_id: self.block_manager.block_table(c.seq_id)
-                               for c in out.chunks},
-                              prompt_logprobs=self._want_prompt_lps)
+        plan = make_plan(out, self.scheduler.seqs,
+                         {c.seq_id: self.block_manager.block_table(c.seq_id) for c in out.chunks},
+                         self._want_prompt_lps)
+        if self.tp is not None:
+            self.tp.broadcast(plan)
+        ran = self.runner.run(plan)
         logits, seq_ids = ran.logits, ran.seq_ids
         for sid, (pos, lps) in ran.prompt_logprobs.items():
             # By position: a chunk recomputed after preemption overwrites the same values.
@@ -204,6 +231,42 @@ class NativeEngine:
             events.append((req.rid, self._postprocess(req, result.token_ids[i],
                                                       result.log_probs[i], result.top[i])))
         return events
+
+    # -- tensor parallelism ---------------------------------------------------------------------
+
+    @property
+    def is_leader(self) -> bool:
+        """True on rank 0 (and without TP): the rank that schedules and samples."""
+        return self.tp is None or self.tp.is_leader
+
+    def follow(self) -> None:
+        """Ranks > 0: run every step rank 0 broadcasts until it shuts down. A broken process
+        group (rank 0 died) raises from the collective, so the worker exits."""
+        assert not self.is_leader, "rank 0 steps; only ranks > 0 follow"
+        while True:
+            message = self.tp.receive()
+            if isinstance(message, StepPlan):
+                self.runner.run(message)
+            elif isinstance(message, Shutdown):
+                self.tp.barrier()  # the handshake: rank 0 knows every follower is out
+                log.info("rank %d: rank 0 shut the engine down", self.tp.rank)
+                return
+            elif not isinstance(message, Keepalive):
+                raise RuntimeError(f"rank {self.tp.rank} got an unknown control message "
+                                   f"{type(message).__name__} from rank 0")
+
+    def keepalive(self) -> None:
+        """Rank 0, while idle: let the followers' wait start over (parallel.KEEPALIVE_S)."""
+        if self.tp is not None and not self._stopped:
+            self.tp.broadcast(Keepalive())
+
+    def shutdown(self) -> None:
+        """Rank 0: release the followers (they return from follow()). Idempotent; nothing to
+        do without TP."""
+        if self.tp is not None and self.is_leader and not self._stopped:
+            self._stopped = True
+            self.tp.broadcast(Shutdown())
+            self.tp.barrier()
 
     def _finish_prefill(self, req: _Request) -> None:
         """The prompt is fully computed (the sequence just sampled): build its prefill tokens."""

@@ -5,6 +5,9 @@ Each request thread tokenizes and validates its prompts itself (errors raise in 
 before anything is queued), submits them, and reads its TokenEvents from its own queue. Closing
 the iterator early (the client went away) aborts the request: its KV blocks are freed in the
 engine's next step.
+
+With tensor parallelism only rank 0's loop runs a thread; on the other ranks the worker calls
+`follow()`, which runs the steps rank 0 broadcasts until rank 0's `shutdown()`.
 """
 
 from __future__ import annotations
@@ -29,7 +32,8 @@ class _Failed:
 
 
 class EngineLoop:
-    """Wraps a NativeEngine; the engine object must only be stepped by this loop's thread."""
+    """Wraps a NativeEngine; the engine object must only be stepped by this loop's thread.
+    On a tensor-parallel follower (rank > 0) no thread runs: call `follow()`."""
 
     supports_concurrency = True
 
@@ -44,7 +48,21 @@ class EngineLoop:
         self._outputs: dict[int, tuple[queue.SimpleQueue, int]] = {}
         self._keys = itertools.count()
         self._thread = threading.Thread(target=self._run, name="lmc-engine", daemon=True)
-        self._thread.start()
+        if engine.is_leader:
+            self._thread.start()
+
+    # -- lifecycle ------------------------------------------------------------------------------
+
+    def follow(self) -> None:
+        """Ranks > 0: run rank 0's steps until it shuts down (blocks)."""
+        self.engine.follow()
+
+    def shutdown(self, *, timeout_s: float = 30.0) -> None:
+        """Stop the loop thread; requests still running fail. With TP this releases the
+        followers from `follow()`. Idempotent."""
+        if self._thread.is_alive():
+            self._commands.put(("shutdown",))
+            self._thread.join(timeout_s)
 
     # -- the tokenizer API the handler uses -----------------------------------------------------
 
@@ -61,6 +79,9 @@ class EngineLoop:
 
     def generate_stream(self, prompts: list[str | list[int]],
                         params: list[SamplingParams]) -> Iterator[list[TokenEvent]]:
+        if not self.engine.is_leader:
+            raise RuntimeError("this is a tensor-parallel follower (rank > 0): requests go to "
+                               "rank 0, this rank runs follow()")
         if len(prompts) != len(params):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
         ids = [prompt_ids(p, sp, encode=self.engine.encode, vocab_size=self.vocab_size,
@@ -102,7 +123,14 @@ class EngineLoop:
 
     # -- engine side (the loop thread) ----------------------------------------------------------
 
-    def _apply(self, command: tuple) -> None:
+    def _apply(self, command: tuple) -> bool:
+        """Apply one command; False when it is the shutdown."""
+        if command[0] == "shutdown":
+            for out, _ in self._outputs.values():
+                out.put(_Failed(RuntimeError("the engine was shut down")))
+            self._outputs.clear()
+            self.engine.shutdown()
+            return False
         if command[0] == "add":
             _, key, prompt, p, out, index = command
             self._outputs[key] = (out, index)
@@ -115,17 +143,34 @@ class EngineLoop:
             _, key = command
             if self._outputs.pop(key, None) is not None:
                 self.engine.abort(key)
+        return True
 
     def _run(self) -> None:
         engine = self.engine
+        idle_timeout_s = None
+        if engine.tp is not None:
+            from engines.native.parallel import KEEPALIVE_S
+
+            idle_timeout_s = KEEPALIVE_S
         while True:
             if not engine.has_unfinished():
-                self._apply(self._commands.get())  # idle: sleep until work arrives
+                try:  # idle: sleep until work arrives
+                    command = self._commands.get(timeout=idle_timeout_s)
+                except queue.Empty:
+                    try:
+                        engine.keepalive()
+                    except Exception:  # the group broke; the next step reports it too
+                        log.exception("tensor-parallel keepalive failed")
+                    continue
+                if not self._apply(command):
+                    return
             while True:
                 try:
-                    self._apply(self._commands.get_nowait())
+                    command = self._commands.get_nowait()
                 except queue.Empty:
                     break
+                if not self._apply(command):
+                    return
             if not engine.has_unfinished():
                 continue
             try:
@@ -149,7 +194,8 @@ class EngineLoop:
 
 
 def start_native_engine(model_dir: str, **options) -> EngineLoop:
-    """Build a NativeEngine and start its loop thread (the engine registry's "native")."""
+    """Build a NativeEngine and start its loop thread (the engine registry's "native"). With
+    tp_size > 1 every rank calls this; on ranks > 0 no thread starts: call `follow()`."""
     from engines.native.engine import NativeEngine
 
     return EngineLoop(NativeEngine(model_dir, **options))

@@ -5,6 +5,9 @@ gate/up fused into one matmul each), every forward pass takes a flat batch of to
 sequences (prefill chunks and decode tokens mixed), and keys/values live in a block pool indexed
 by slot = block_id * block_size + offset.
 
+With tensor parallelism (parallel.py) each rank loads only its slice of every weight, and H,
+KV, the MLP width and the vocabulary below are this rank's share.
+
 Shapes: T = tokens in the step, H = query heads, KV = key/value heads, D = head dim.
 """
 
@@ -14,9 +17,13 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from engines.native.parallel import TensorParallel
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"}
 SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
@@ -92,84 +99,139 @@ def rope_inv_freq(model_dir: str | Path) -> tuple[torch.Tensor, float]:
     return inv_freq.float(), float(scaling)
 
 
-def _load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+class _Checkpoint:
+    """The model's safetensors files, read tensor by tensor: with tensor parallelism a rank
+    reads only its rows or columns of each weight (safetensors slices the file, no full copy)."""
 
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise UnsupportedModel(f"no *.safetensors files in {model_dir}")
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        tensors.update(load_file(str(f)))
-    return tensors
+    def __init__(self, model_dir: Path) -> None:
+        from safetensors import safe_open
+
+        files = sorted(model_dir.glob("*.safetensors"))
+        if not files:
+            raise UnsupportedModel(f"no *.safetensors files in {model_dir}")
+        self.model_dir = model_dir
+        self._where = {}
+        for f in files:
+            handle = safe_open(str(f), framework="pt")
+            self._where.update(dict.fromkeys(handle.keys(), handle))
+        self.unread = set(self._where)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._where
+
+    def _slice(self, name: str):
+        if name not in self._where:
+            raise UnsupportedModel(f"weight {name!r} missing from {self.model_dir}")
+        return self._where[name].get_slice(name)
+
+    def rows(self, name: str) -> int:
+        return self._slice(name).get_shape()[0]
+
+    def read(self, name: str, *, rows: tuple[int, int] | None = None,
+             cols: tuple[int, int] | None = None) -> torch.Tensor:
+        """The whole tensor, or rows [lo, hi) of it, or columns [lo, hi) of a matrix."""
+        part = self._slice(name)
+        self.unread.discard(name)
+        if rows is not None:
+            return part[rows[0]:rows[1]]
+        if cols is not None:
+            return part[:, cols[0]:cols[1]]
+        return part[:]
 
 
 class LlamaModel:
     """Weights and the forward pass. Not an nn.Module: there is nothing to train, and plain
     tensors keep the hot loop free of module-call overhead."""
 
-    def __init__(self, model_dir: str | Path, *, dtype: torch.dtype, device: torch.device):
+    def __init__(self, model_dir: str | Path, *, dtype: torch.dtype, device: torch.device,
+                 tp: TensorParallel | None = None):
         model_dir = Path(model_dir)
         self.spec, _ = read_spec(model_dir)
         s = self.spec
-        self.dtype, self.device = dtype, device
-        w = _load_tensors(model_dir)
+        self.dtype, self.device, self.tp = dtype, device, tp
+        ckpt = _Checkpoint(model_dir)
+        rank, size = (tp.rank, tp.size) if tp is not None else (0, 1)
+        # This rank's heads: KV-head groups stay whole, so each rank's query heads read only
+        # its own key/value heads (query head h uses KV head h // (H / KV)).
+        self.num_heads, self.num_kv_heads = s.num_heads // size, s.num_kv_heads // size
+        d, ff = s.head_dim, s.intermediate_size // size
+        q_rows = (rank * self.num_heads * d, (rank + 1) * self.num_heads * d)
+        kv_rows = (rank * self.num_kv_heads * d, (rank + 1) * self.num_kv_heads * d)
+        ff_rows = (rank * ff, (rank + 1) * ff)
 
-        def get(name: str) -> torch.Tensor:
-            if name not in w:
-                raise UnsupportedModel(f"weight {name!r} missing from {model_dir}")
-            return w.pop(name).to(device=device, dtype=dtype)
+        def get(name: str, **part) -> torch.Tensor:
+            return ckpt.read(name, **part).to(device=device, dtype=dtype)
 
-        self.embed = get("model.embed_tokens.weight")  # [V, hidden]
+        def vocab_rows(name: str) -> torch.Tensor:
+            # [Vp, hidden]: rows [rank * Vp, (rank + 1) * Vp) of the vocabulary, the last
+            # rank's zero-padded when V does not divide.
+            total = ckpt.rows(name)
+            per = -(-total // size)
+            lo, hi = min(rank * per, total), min((rank + 1) * per, total)
+            w = get(name, rows=(lo, hi))
+            if hi - lo < per:
+                w = torch.cat([w, w.new_zeros(per - (hi - lo), w.shape[1])])
+            return w
+
+        self.embed = vocab_rows("model.embed_tokens.weight")  # [V, hidden]
+        self.vocab_size = ckpt.rows("model.embed_tokens.weight")  # logits width, unpadded
+        self.vocab_lo = rank * self.embed.shape[0]  # first token id of this rank's rows
         self.layers = []
         for i in range(s.num_layers):
             p = f"model.layers.{i}."
-            qkv = torch.cat([get(p + "self_attn.q_proj.weight"), get(p + "self_attn.k_proj.weight"),
-                             get(p + "self_attn.v_proj.weight")])  # [(H + 2KV) * D, hidden]
+            a = p + "self_attn."
+            qkv = torch.cat([get(a + "q_proj.weight", rows=q_rows),
+                             get(a + "k_proj.weight", rows=kv_rows),
+                             get(a + "v_proj.weight", rows=kv_rows)])  # [(H + 2KV) * D, hidden]
             qkv_b = None
-            if p + "self_attn.q_proj.bias" in w:
-                qkv_b = torch.cat([get(p + "self_attn.q_proj.bias"), get(p + "self_attn.k_proj.bias"),
-                                   get(p + "self_attn.v_proj.bias")])
+            if a + "q_proj.bias" in ckpt:
+                qkv_b = torch.cat([get(a + "q_proj.bias", rows=q_rows),
+                                   get(a + "k_proj.bias", rows=kv_rows),
+                                   get(a + "v_proj.bias", rows=kv_rows)])
             self.layers.append({
                 "in_norm": get(p + "input_layernorm.weight"),
                 "qkv": qkv.t().contiguous(),  # [hidden, (H + 2KV) * D]: x @ W, no transpose per call
                 "qkv_b": qkv_b,
-                "o": get(p + "self_attn.o_proj.weight").t().contiguous(),
+                # Row-parallel: this rank's H * D inputs; the partial sums are all-reduced.
+                "o": get(a + "o_proj.weight", cols=q_rows).t().contiguous(),  # [H * D, hidden]
                 "post_norm": get(p + "post_attention_layernorm.weight"),
-                "gate_up": torch.cat([get(p + "mlp.gate_proj.weight"),
-                                      get(p + "mlp.up_proj.weight")]).t().contiguous(),
-                "down": get(p + "mlp.down_proj.weight").t().contiguous(),
+                "gate_up": torch.cat([get(p + "mlp.gate_proj.weight", rows=ff_rows),
+                                      get(p + "mlp.up_proj.weight", rows=ff_rows)]
+                                     ).t().contiguous(),  # [hidden, 2F]
+                "down": get(p + "mlp.down_proj.weight",
+                            cols=ff_rows).t().contiguous(),  # [F, hidden]
             })
         self.norm = get("model.norm.weight")
-        if "lm_head.weight" in w and not s.tie_word_embeddings:
-            self.lm_head = get("lm_head.weight")  # [V, hidden]
+        if "lm_head.weight" in ckpt and not s.tie_word_embeddings:
+            self.lm_head = vocab_rows("lm_head.weight")  # [V, hidden]
         else:
             self.lm_head = self.embed
         # A weight this forward pass does not use (o_proj or MLP biases, say) would silently
         # give wrong outputs: refuse the model so the caller falls back to `hf`.
-        unused = sorted(k for k in w if k != "lm_head.weight" and not k.endswith("inv_freq"))
+        unused = sorted(k for k in ckpt.unread if k != "lm_head.weight"
+                        and not k.endswith("inv_freq"))
         if unused:
             raise UnsupportedModel(f"the native engine does not use weights {unused[:4]} of "
                                    f"{model_dir}; run this model with the hf engine")
         inv_freq, self.rope_scaling = rope_inv_freq(model_dir)
         self.inv_freq = inv_freq.to(device)
         self.scale = 1.0 / math.sqrt(s.head_dim)
-        self.q_size = s.num_heads * s.head_dim
-        self.kv_size = s.num_kv_heads * s.head_dim
+        self.q_size = self.num_heads * s.head_dim
+        self.kv_size = self.num_kv_heads * s.head_dim
 
     # -- KV cache -------------------------------------------------------------------------------
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         s = self.spec
         self.block_size = block_size
-        shape = (num_blocks * block_size, s.num_kv_heads, s.head_dim)  # [slots, KV, D]
+        shape = (num_blocks * block_size, self.num_kv_heads, s.head_dim)  # [slots, KV, D]
         return [(torch.zeros(shape, dtype=self.dtype, device=self.device),
                  torch.zeros(shape, dtype=self.dtype, device=self.device))
                 for _ in range(s.num_layers)]
 
     def kv_bytes_per_token(self) -> int:
         s = self.spec
-        return 2 * s.num_layers * s.num_kv_heads * s.head_dim * torch.finfo(self.dtype).bits // 8
+        return 2 * s.num_layers * self.num_kv_heads * s.head_dim * torch.finfo(self.dtype).bits // 8
 
     # -- forward --------------------------------------------------------------------------------
 
@@ -199,7 +261,8 @@ class LlamaModel:
     def forward(self, batch: "StepBatch", kv_cache) -> torch.Tensor:
         """Hidden states of the tokens whose logits are needed: [N, hidden]."""
         s = self.spec
-        x = self.embed[batch.token_ids]  # [T, hidden]
+        tp = self.tp
+        x = self._embed(batch.token_ids)  # [T, hidden]
         cos, sin = self._rope(batch.positions)
         decode = self._decode_buffers(batch) if batch.decode_count else None
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_cache)):
@@ -208,21 +271,40 @@ class LlamaModel:
             if layer["qkv_b"] is not None:
                 qkv = qkv + layer["qkv_b"]
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-            q = self._apply_rope(q.view(-1, s.num_heads, s.head_dim), cos, sin)  # [T, H, D]
-            k = self._apply_rope(k.view(-1, s.num_kv_heads, s.head_dim), cos, sin)  # [T, KV, D]
-            v = v.view(-1, s.num_kv_heads, s.head_dim)
+            q = self._apply_rope(q.view(-1, self.num_heads, s.head_dim), cos, sin)  # [T, H, D]
+            k = self._apply_rope(k.view(-1, self.num_kv_heads, s.head_dim), cos, sin)  # [T, KV, D]
+            v = v.view(-1, self.num_kv_heads, s.head_dim)
             k_cache.index_copy_(0, batch.slot_mapping, k)
             v_cache.index_copy_(0, batch.slot_mapping, v)
             attn = self._attention(q, k, v, k_cache, v_cache, batch, decode, i)  # [T, H * D]
-            x = x + attn @ layer["o"]
+            o = attn @ layer["o"]  # [T, hidden]
+            x = x + (o if tp is None else tp.all_reduce(o))
             h = self._rms_norm(x, layer["post_norm"])
             gate, up = (h @ layer["gate_up"]).chunk(2, dim=-1)
-            x = x + (F.silu(gate) * up) @ layer["down"]
+            down = (F.silu(gate) * up) @ layer["down"]  # [T, hidden]
+            x = x + (down if tp is None else tp.all_reduce(down))
         x = x[batch.logits_index]  # only the rows that sample: [N, hidden]
         return self._rms_norm(x, self.norm)
 
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return (hidden @ self.lm_head.t()).float()  # [N, V]
+    def _embed(self, token_ids: torch.Tensor) -> torch.Tensor:
+        if self.tp is None:
+            return self.embed[token_ids]  # [T, hidden]
+        # Vocab-parallel: ids outside this rank's rows give zeros; the sum over ranks is then
+        # exactly the one real row.
+        local = token_ids - self.vocab_lo  # [T]
+        outside = (local < 0) | (local >= self.embed.shape[0])
+        x = self.embed[local.clamp(0, self.embed.shape[0] - 1)]  # [T, hidden]
+        return self.tp.all_reduce(x.masked_fill_(outside[:, None], 0))
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
+        """[N, V] fp32; with tensor parallelism on rank 0 only (None on the other ranks)."""
+        logits = hidden @ self.lm_head.t()  # [N, V] (this rank's Vp with TP)
+        if self.tp is not None:
+            logits = self.tp.gather_last_dim(logits)  # [N, TP * Vp] on rank 0
+            if logits is None:
+                return None
+            logits = logits[:, :self.vocab_size]  # drop the padding rows
+        return logits.float()
 
     # -- decode attention ------------------------------------------------------------------------
     #
@@ -244,7 +326,7 @@ class LlamaModel:
                  and all(a == b + 1 for a, b in zip(batch.decode_lens, st["lens"])))
         if not reuse:
             cap = length + 8 * self.block_size  # room for 8 blocks of growth before a rebuild
-            shape = (nd, s.num_kv_heads, cap, s.head_dim)  # head-major: what SDPA reads
+            shape = (nd, self.num_kv_heads, cap, s.head_dim)  # head-major: what SDPA reads
             st = {"key": batch.decode_key, "cap": cap,
                   # Zeroed, not empty: masked positions still enter q.k, and garbage there
                   # (NaN/inf) would poison the softmax even with a zero weight.
@@ -262,6 +344,8 @@ class LlamaModel:
     def _attention(self, q, k, v, k_cache, v_cache, batch: "StepBatch", decode: dict | None,
                    layer: int) -> torch.Tensor:
         s = self.spec
+        kvh = self.num_kv_heads
+        gqa = kvh != self.num_heads
         outs = []
         # Decode rows (one query each) attend together over [B, L, KV, D] keys with a padding
         # mask. Prefill chunks run one by one with a causal mask offset by their start.
@@ -270,10 +354,10 @@ class LlamaModel:
             nb = batch.decode_slots.shape[1]
             length = nb * self.block_size
             if decode is None or not decode["reuse"]:
-                kd = k_cache.view(-1, self.block_size, s.num_kv_heads, s.head_dim)[
-                    batch.decode_slots].view(nd, length, s.num_kv_heads, s.head_dim)
-                vd = v_cache.view(-1, self.block_size, s.num_kv_heads, s.head_dim)[
-                    batch.decode_slots].view(nd, length, s.num_kv_heads, s.head_dim)
+                kd = k_cache.view(-1, self.block_size, kvh, s.head_dim)[
+                    batch.decode_slots].view(nd, length, kvh, s.head_dim)
+                vd = v_cache.view(-1, self.block_size, kvh, s.head_dim)[
+                    batch.decode_slots].view(nd, length, kvh, s.head_dim)
                 kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # [B, KV, L, D]
                 if decode is not None:
                     kb, vb = decode["bufs"][layer]
@@ -287,7 +371,7 @@ class LlamaModel:
             qd = q[:nd].unsqueeze(2)  # [B, H, 1, D]
             o = F.scaled_dot_product_attention(
                 qd, kd, vd, attn_mask=batch.decode_mask,
-                scale=self.scale, enable_gqa=s.num_kv_heads != s.num_heads)  # [B, H, 1, D]
+                scale=self.scale, enable_gqa=gqa)  # [B, H, 1, D]
             outs.append(o.reshape(nd, -1))
         for start_row, n, slots, mask in batch.prefills:
             qp = q[start_row:start_row + n].transpose(0, 1)  # [H, n, D]
@@ -301,8 +385,7 @@ class LlamaModel:
                 vp = v_cache[slots].transpose(0, 1)
             o = F.scaled_dot_product_attention(
                 qp.unsqueeze(0), kp.unsqueeze(0), vp.unsqueeze(0), attn_mask=mask,
-                is_causal=mask is None, scale=self.scale,
-                enable_gqa=s.num_kv_heads != s.num_heads)  # [1, H, n, D]
+                is_causal=mask is None, scale=self.scale, enable_gqa=gqa)  # [1, H, n, D]
             outs.append(o[0].transpose(0, 1).reshape(n, -1))
         return torch.cat(outs) if len(outs) > 1 else outs[0]
 

@@ -1,20 +1,19 @@
 """Model runner: the only part of the native engine that builds tensors.
 
-Turns a SchedulerOutput (which tokens of which sequences to compute) plus the block tables into
-a StepBatch, runs the model, and returns the logits of the rows that sample, in chunk order
-(plus, for sequences that ask, the log-prob of every prompt token given the ones before it).
+Turns a StepPlan (which tokens of which sequences to compute, with their block tables) into a
+StepBatch, runs the model, and returns the logits of the rows that sample, in chunk order (plus,
+for sequences that ask, the log-prob of every prompt token given the ones before it). With
+tensor parallelism every rank runs the same plan; only rank 0 gets logits back.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
 
 from engines.native.model import LlamaModel, StepBatch
-from engines.native.scheduler import SchedulerOutput
-from engines.native.sequence import Sequence
+from engines.native.plan import StepPlan
 
 
 @dataclass
@@ -48,15 +47,13 @@ class ModelRunner:
         bs = self.block_size
         return [table[p // bs] * bs + p % bs for p in range(start, end)]
 
-    def build(self, out: SchedulerOutput, seqs: dict[int, Sequence],
-              tables: dict[int, list[int]], prompt_logprobs: Collection[int] = (),
-              ) -> tuple[StepBatch, list[int], list[_PromptRows]]:
+    def build(self, plan: StepPlan) -> tuple[StepBatch, list[int], list[_PromptRows]]:
         """The step's tensors, the seq ids of the sampling rows in order, and the prompt rows
-        scored for the sequences in `prompt_logprobs` (their logits come after the sampling
+        scored for the chunks with prompt targets (their logits come after the sampling
         rows')."""
         dev = self.device
-        decodes = [c for c in out.chunks if c.num_tokens == 1 and c.sample]
-        prefills = [c for c in out.chunks if not (c.num_tokens == 1 and c.sample)]
+        decodes = [c for c in plan.chunks if c.is_decode]
+        prefills = [c for c in plan.chunks if not c.is_decode]
         token_ids: list[int] = []
         positions: list[int] = []
         slot_mapping: list[int] = []
@@ -67,11 +64,9 @@ class ModelRunner:
         # Decode rows: one token each, attending to everything before it (and itself).
         lengths = []
         for c in decodes:
-            seq = seqs[c.seq_id]
-            table = tables[c.seq_id]
-            token_ids.append(seq.token_ids[c.start])
+            token_ids.append(c.token_ids[0])
             positions.append(c.start)
-            slot_mapping.extend(self._slots(table, c.start, c.start + 1))
+            slot_mapping.extend(self._slots(c.block_table, c.start, c.start + 1))
             lengths.append(c.start + 1)
             logits_rows.append(len(token_ids) - 1)
             logits_seq.append(c.seq_id)
@@ -82,7 +77,7 @@ class ModelRunner:
             max_blocks = -(-max_len // bs)
             # Whole blocks are gathered (one contiguous block_size x KV x D copy each), so the
             # key axis is padded to a block multiple and masked past each row's length.
-            decode_slots = torch.tensor([(tables[c.seq_id] + [0] * max_blocks)[:max_blocks]
+            decode_slots = torch.tensor([(c.block_table + [0] * max_blocks)[:max_blocks]
                                          for c in decodes], dtype=torch.long, device=dev)  # [B, NB]
             pos = torch.arange(max_blocks * bs, device=dev)  # [L = NB * bs]
             lens = torch.tensor(lengths, device=dev)[:, None]  # [B, 1]
@@ -93,11 +88,10 @@ class ModelRunner:
 
         prefill_parts = []
         for c in prefills:
-            seq = seqs[c.seq_id]
-            table = tables[c.seq_id]
+            table = c.block_table
             row = len(token_ids)
             end = c.start + c.num_tokens
-            token_ids.extend(seq.token_ids[c.start:end])
+            token_ids.extend(c.token_ids)
             positions.extend(range(c.start, end))
             slot_mapping.extend(self._slots(table, c.start, end))
             if c.start == 0 and not (self.sliding_window and end > self.sliding_window):
@@ -113,14 +107,10 @@ class ModelRunner:
             if c.sample:
                 logits_rows.append(row + c.num_tokens - 1)
                 logits_seq.append(c.seq_id)
-            if c.seq_id in prompt_logprobs:
-                # Rows at positions p < prompt_len - 1 predict prompt token p + 1. (A 1-token
-                # chunk that samples sits at the last position: it never has one.)
-                stop = min(end, len(seq.prompt_ids) - 1)
-                if stop > c.start:
-                    prompt_rows.append(_PromptRows(
-                        c.seq_id, c.start, list(range(row, row + stop - c.start)),
-                        seq.prompt_ids[c.start + 1:stop + 1]))
+            if c.prompt_targets:
+                prompt_rows.append(_PromptRows(
+                    c.seq_id, c.start, list(range(row, row + len(c.prompt_targets))),
+                    c.prompt_targets))
 
         batch = StepBatch(
             token_ids=torch.tensor(token_ids, dtype=torch.long, device=dev),
@@ -138,15 +128,17 @@ class ModelRunner:
         return batch, logits_seq, prompt_rows
 
     @torch.inference_mode()
-    def run(self, out: SchedulerOutput, seqs: dict[int, Sequence],
-            tables: dict[int, list[int]], *, prompt_logprobs: Collection[int] = ()) -> RunnerOutput:
-        """Logits of the sampling rows with their seq ids; for the sequences in
-        `prompt_logprobs`, the log-probs of the prompt tokens their chunks cover."""
-        batch, logits_seq, prompt_rows = self.build(out, seqs, tables, prompt_logprobs)
+    def run(self, plan: StepPlan) -> RunnerOutput:
+        """Logits of the sampling rows with their seq ids; for the chunks with prompt targets,
+        the log-probs of those prompt tokens. With tensor parallelism, ranks > 0 get an empty
+        output (rank 0 alone samples)."""
+        batch, logits_seq, prompt_rows = self.build(plan)
         hidden = self.model.forward(batch, self.kv_cache)
         if not logits_seq and not prompt_rows:
             return RunnerOutput(None, [])
-        logits = self.model.logits(hidden)  # [N + P, V] fp32
+        logits = self.model.logits(hidden)  # [N + P, V] fp32; None on ranks > 0
+        if logits is None:
+            return RunnerOutput(None, [])
         n = len(logits_seq)
         result = RunnerOutput(logits[:n] if n else None, logits_seq)
         if prompt_rows:
