@@ -63,3 +63,37 @@ def test_tp_without_enough_cpu_slots_fails_startup_clearly(tmp_path):
         rc = s.proc.wait(60)
         out = s.proc.stdout.read().decode()
     assert rc != 0 and "LMC_CPU_DEVICES=1" in out
+
+
+def _generate(s: LmcServer, prompts: list[str]) -> list[dict]:
+    out = []
+    for p in prompts:
+        r = s.post("/invocations", {"inputs": p, "parameters": {"max_new_tokens": 12,
+                                                                "details": True}})
+        assert r.status == 200, r.body
+        out.append(r.json())
+    return out
+
+
+@pytest.mark.parametrize("engine_props", [
+    "option.rolling_batch=native\n",
+    "engine=DeepSpeed\n",
+], ids=["native", "deepspeed"])
+def test_tp2_over_http_matches_tp1(tmp_path, engine_props):
+    """The same greedy tokens from a TP=2 group as from one process, through the real server."""
+    if "DeepSpeed" in engine_props:
+        pytest.importorskip("deepspeed")
+    from tiny_models import make_tiny_model
+
+    base = make_tiny_model(tmp_path / "tiny", num_heads=8, num_kv_heads=4)
+    prompts = ["Hello there", "Once upon a time", "The quick brown fox"]
+    with LmcServer(["--model-dir", str(base)], timeout_s=120) as s:
+        want = _generate(s, prompts)
+    (base / "serving.properties").write_text(engine_props + "option.tensor_parallel_degree=2\n")
+    with LmcServer(["--model-dir", str(base)], timeout_s=180) as s:
+        [desc] = s.request("GET", f"/models/{base.name}").json()
+        assert desc["workers"][0]["tp"] == 2
+        got = _generate(s, prompts)
+    for w, g in zip(want, got):
+        assert [t["id"] for t in g["details"]["tokens"]] == [t["id"] for t in w["details"]["tokens"]]
+        assert g["generated_text"] == w["generated_text"]
