@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from engines.hf.detokenizer import TextStream
+from engines.tokenizing import TokenizerMixin
 from engines.prompt import prompt_ids as checked_prompt_ids
 from engines.sampler import RowState, sample_rows
 from engines.types import (
@@ -58,7 +59,7 @@ class _Row:
     finish_reason: FinishReason | None = None
 
 
-class HFEngine:
+class HFEngine(TokenizerMixin):
     """Loads a local HF model dir (safetensors) with transformers and generates in batches."""
 
     def __init__(self, model_dir: str, *, dtype: str = "auto", device: str | None = None) -> None:
@@ -82,8 +83,7 @@ class HFEngine:
 
         self.eos_token_ids = self._eos_token_ids()
         self.vocab_size: int = self.model.get_input_embeddings().num_embeddings
-        self._special_ids = frozenset(self.tokenizer.all_special_ids)
-        self._token_texts: dict[int, str] = {}
+        self._init_tokens()
         # Padding only fills masked slots, so any id works; EOS is the usual choice when the
         # tokenizer has no pad token.
         pad = self.tokenizer.pad_token_id
@@ -103,27 +103,6 @@ class HFEngine:
         known = [limit for limit in limits if limit]
         assert known, "the model config has no max_position_embeddings"
         return min(known)
-
-    def apply_chat_template(
-        self, messages: list[dict[str, Any]], *, add_generation_prompt: bool = True
-    ) -> str:
-        """Render chat messages to the prompt text the model was trained on."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise ValueError("this model's tokenizer has no chat template; send plain text inputs")
-        return self.tokenizer.apply_chat_template(
-            messages, tokenize=False, add_generation_prompt=add_generation_prompt
-        )
-
-    def encode(self, prompt: str) -> list[int]:
-        """Prompt ids as `generate` sees them."""
-        # A chat template already writes the BOS token as text; adding it again would give the
-        # model a doubled BOS it never saw in training.
-        bos = self.tokenizer.bos_token
-        add_special = not (bos and prompt.startswith(bos))
-        return self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
-
-    def count_tokens(self, prompt: str) -> int:
-        return len(self.encode(prompt))
 
     # ------------------------------------------------------------------------------------------
     # Generation
@@ -305,18 +284,6 @@ class HFEngine:
         return input_ids.to(self.device), attention_mask.to(self.device)
 
     # ---- text -----------------------------------------------------------------------------------
-
-    def _decode(self, token_ids: list[int]) -> str:
-        return self.tokenizer.decode(token_ids, skip_special_tokens=True)
-
-    def _token(self, token_id: int, log_prob: float | None) -> Token:
-        text = self._token_texts.get(token_id)
-        if text is None:
-            # The token alone, special tokens included: it is what `tokens[].text` shows, while
-            # the output text skips special tokens.
-            text = self.tokenizer.decode([token_id], skip_special_tokens=False)
-            self._token_texts[token_id] = text
-        return Token(token_id, text, log_prob, special=token_id in self._special_ids)
 
     # ------------------------------------------------------------------------------------------
     # Loading

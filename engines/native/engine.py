@@ -32,6 +32,7 @@ from engines.native.runner import ModelRunner
 from engines.native.scheduler import Scheduler
 from engines.native.sequence import Sequence
 from engines.sampler import RowState, sample_rows
+from engines.tokenizing import TokenizerMixin
 from engines.prompt import prompt_ids
 from engines.types import (FinishReason, GenerationResult, SamplingParams, Token, TokenEvent,
                            collect_results)
@@ -55,7 +56,7 @@ class _Request:
     prompt_lps: list[float | None] | None = None
 
 
-class NativeEngine:
+class NativeEngine(TokenizerMixin):
     def __init__(self, model_dir: str, *, dtype: str = "auto", device: str | None = None,
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 2048,
                  block_size: int = 16, num_blocks: int | None = None,
@@ -84,7 +85,7 @@ class NativeEngine:
         self.max_context = spec.max_position_embeddings
         self.vocab_size = spec.vocab_size
         self.eos_token_ids = self._eos_ids(cfg, path)
-        self._special_ids = frozenset(self.tokenizer.all_special_ids)
+        self._init_tokens()
         if num_blocks is None:
             num_blocks = self._num_blocks(block_size, kv_cache_gb, gpu_memory_utilization)
         if self.tp is not None:
@@ -145,27 +146,6 @@ class NativeEngine:
         return frozenset(ids)
 
     # -- tokenizer API shared with the hf engine ------------------------------------------------
-
-    def encode(self, prompt: str) -> list[int]:
-        # As the hf engine: a chat template already writes the BOS token as text, and adding
-        # it again would give the model a doubled BOS it never saw in training.
-        bos = self.tokenizer.bos_token
-        add_special = not (bos and prompt.startswith(bos))
-        return self.tokenizer(prompt, add_special_tokens=add_special)["input_ids"]
-
-    def count_tokens(self, prompt: str) -> int:
-        return len(self.encode(prompt))
-
-    def apply_chat_template(self, messages: list[dict], *, add_generation_prompt: bool = True) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
-
-    def _token(self, token_id: int, log_prob: float | None) -> Token:
-        return Token(token_id, self.tokenizer.decode([token_id]), log_prob,
-                     token_id in self._special_ids)
 
     # -- continuous batching API ----------------------------------------------------------------
 
