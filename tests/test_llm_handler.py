@@ -28,9 +28,15 @@ def warm(model_dir, **handler_kwargs) -> LLMHandler:
     return handler
 
 
-@pytest.fixture(scope="module")
-def handler(model_dir):
-    return warm(model_dir)
+@pytest.fixture(scope="module", params=["native", "disable"], ids=["native", "hf"])
+def handler(model_dir, request):
+    """Every handler test runs on both engines: the schema must behave the same on each."""
+    h = LLMHandler()
+    props = {"model_dir": str(model_dir), "dtype": "fp32", "rolling_batch": request.param}
+    assert h.handle(Input(props)) is None
+    expected = "EngineLoop" if request.param == "native" else "HFEngine"
+    assert type(h.engine).__name__ == expected
+    return h
 
 
 def request(body, content_type: str = "application/json", headers=None) -> Input:
