@@ -8,18 +8,14 @@ import time
 
 import pytest
 
-from server_utils import LmcServer
 from test_runtime_api import LineIterator, runtime_client
-from tiny_models import make_tiny_llama
 
 NAME = "tiny-llama"
 
 
 @pytest.fixture(scope="module")
-def llm(tmp_path_factory):
-    d = make_tiny_llama(tmp_path_factory.mktemp("models") / NAME)
-    with LmcServer(["--model-dir", str(d)], timeout_s=180) as s:
-        yield s
+def llm(tiny_llm_server):
+    return tiny_llm_server
 
 
 # -- boto3 ----------------------------------------------------------------------------------------

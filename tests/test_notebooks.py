@@ -19,8 +19,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from server_utils import ROOT, LmcServer
-from tiny_models import make_tiny_llama
+from server_utils import ROOT
 
 NOTEBOOKS = ROOT / "notebooks"
 EXPECTED = {"benchmark.ipynb", "deploy_sagemaker.ipynb", "streaming_details.ipynb"}
@@ -29,10 +28,8 @@ KERNEL_MARK = "LMC-TEST-KERNEL-PYTHON:"
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    d = make_tiny_llama(tmp_path_factory.mktemp("models") / MODEL)
-    with LmcServer(["--model-dir", str(d)], timeout_s=180) as s:
-        yield s
+def server(tiny_llm_server):
+    return tiny_llm_server
 
 
 def execute(name: str, workdir: Path, env: dict[str, str]) -> nbformat.NotebookNode:

@@ -1,0 +1,26 @@
+"""Fixtures shared by several test modules."""
+
+import pytest
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models' ops gain nothing from intra-op threads, and on a busy 2-core CI box the
+    threads' spinning made such modules several times slower."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="module")
+def tiny_llm_server(tmp_path_factory):
+    """A real LMC server on a loopback port serving a tiny random Llama named "tiny-llama"."""
+    from server_utils import LmcServer
+    from tiny_models import make_tiny_llama
+
+    d = make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+    with LmcServer(["--model-dir", str(d)], timeout_s=180) as s:
+        yield s
