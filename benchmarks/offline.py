@@ -14,13 +14,18 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import torch
+# The same OpenMP spin setting as LMC's worker processes (handlers/worker.py), for both
+# engines, so the offline figures are what a served engine gets. Set before torch loads.
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")
+
+import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
