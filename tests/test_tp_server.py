@@ -97,3 +97,48 @@ def test_tp2_over_http_matches_tp1(tmp_path, engine_props):
     for w, g in zip(want, got):
         assert [t["id"] for t in g["details"]["tokens"]] == [t["id"] for t in w["details"]["tokens"]]
         assert g["generated_text"] == w["generated_text"]
+
+
+def test_native_group_rank_death_fails_stream_and_group_relaunches(tmp_path):
+    """Follow mode (rank 0 drives rank 1 step by step): killing rank 1 mid-stream ends that
+    stream with an error in seconds, and the relaunched group serves the next request."""
+    from tiny_models import make_tiny_model
+
+    d = make_tiny_model(tmp_path / "tiny", num_heads=8, num_kv_heads=4,
+                        max_position_embeddings=4096)
+    (d / "serving.properties").write_text("option.rolling_batch=native\n"
+                                          "option.tensor_parallel_degree=2\n")
+    with LmcServer(["--model-dir", str(d)], timeout_s=180) as s:
+        [desc] = s.request("GET", f"/models/{d.name}").json()
+        pids = [r["pid"] for r in desc["workers"][0]["ranks"]]
+
+        async def stream_and_kill():
+            body = {"inputs": "Hello", "stream": True,
+                    "parameters": {"max_new_tokens": 3000, "ignore_eos_token": True}}
+            async with aiohttp.ClientSession() as sess:
+                async with sess.post(s.url + "/invocations", json=body) as r:
+                    lines = []
+                    t = None
+                    async for line in r.content:
+                        lines.append(line)
+                        if len(lines) == 5:
+                            os.kill(pids[1], signal.SIGKILL)
+                            t = time.monotonic()
+                    return lines, time.monotonic() - t
+
+        import json as _json
+
+        lines, dt = asyncio.run(stream_and_kill())
+        last = _json.loads(lines[-1])
+        assert last["details"]["finish_reason"] == "error" and dt < 15
+        assert len(lines) < 3000
+
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            r = s.post("/invocations", {"inputs": "Hello", "parameters": {"max_new_tokens": 4}})
+            if r.status == 200:
+                break
+            time.sleep(0.5)
+        assert r.status == 200 and r.json()["generated_text"] is not None
+        [desc] = s.request("GET", f"/models/{d.name}").json()
+        assert {r["pid"] for r in desc["workers"][0]["ranks"]}.isdisjoint(pids)
