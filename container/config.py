@@ -160,6 +160,61 @@ _SERVER_KEYS = (
 )
 
 
+# LMI's built-in handlers, as users name them in option.entryPoint. They all mean "serve this
+# LLM with the default handler", which LMC's LLM handler does.
+LMI_BUILTIN_ENTRY_POINTS = frozenset({
+    "djl_python.huggingface",
+    "djl_python.deepspeed",
+    "djl_python.transformers_neuronx",
+    "djl_python.tensorrt_llm",
+    "djl_python.lmi_dist",
+    "djl_python.lmi_vllm.vllm_async_service",
+    "djl_python.lmi_trtllm.trtllm_async_service",
+})
+
+# option.* keys the default LLM handler and its engines read. A custom model.py may use any
+# option (LMI passes them all to it), so this list only applies when the default handler runs.
+LLM_OPTIONS: dict[str, str] = {
+    "model_id": "local model directory (default: the model dir)",
+    "revision": "model revision (set by HF_REVISION; unused for local directories)",
+    "trust_remote_code": "allow model code (set by HF_MODEL_TRUST_REMOTE_CODE)",
+    "entryPoint": "handler: a file, a module or an LMI built-in name",
+    "dtype": "auto | fp32 | fp16 | bf16",
+    "tensor_parallel_degree": "ranks per worker group, int or max",
+    "rolling_batch": "auto | native | lmi-dist | scheduler | deepspeed | disable",
+    "max_rolling_batch_size": "most requests running at once (native engine)",
+    "max_rolling_batch_prefill_tokens": "token budget per step (native engine)",
+    "cpu_kv_cache_gb": "KV cache size on CPU (native engine)",
+    "gpu_memory_utilization": "share of free GPU memory for the KV cache (native engine)",
+    "enable_prefix_caching": "true | false (native engine)",
+    "output_formatter": "json | jsonlines | sse | *_chat | none | module:function",
+    "tgi_compat": "true: TGI-shaped answers",
+    "predict_timeout": "s for a request's first byte",
+    "model_loading_timeout": "s to load the model",
+}
+
+
+def uses_default_llm_handler(model_dir: Path, options: Mapping[str, str]) -> bool:
+    """Whether the default LLM handler will serve this model dir (no custom model.py)."""
+    entry = options.get("entryPoint")
+    if entry:
+        return entry in LMI_BUILTIN_ENTRY_POINTS
+    return not (model_dir / "model.py").is_file()
+
+
+def _check_llm_options(model_dir: Path, settings: Mapping[str, Setting]) -> None:
+    options = {k[len("option."):]: s for k, s in settings.items() if k.startswith("option.")}
+    if not uses_default_llm_handler(model_dir, {k: s.value for k, s in options.items()}):
+        return
+    for key, s in options.items():
+        if key not in LLM_OPTIONS:
+            known = [f"option.{k}" for k in LLM_OPTIONS]
+            raise ConfigError(
+                f"unknown key 'option.{key}' in {s.source}"
+                f"{_did_you_mean('option.' + key, known)}; the default LLM handler reads: "
+                f"{', '.join(known)} (a custom model.py may use any option.* key)")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     name: str
@@ -272,7 +327,9 @@ def load_model_config(name: str, model_dir: str | Path, env: Mapping[str, str] |
     settings.update(read_properties_file(Path(model_dir)))
     for k, v in (overrides or {}).items():
         settings[k] = Setting(str(v), "the register request")
-    return build_model_config(name, model_dir, settings, device=device)
+    config = build_model_config(name, model_dir, settings, device=device)
+    _check_llm_options(Path(model_dir), settings)
+    return config
 
 
 # ---------------------------------------------------------------------------------------------

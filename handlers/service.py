@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING
 
+from container.config import LMI_BUILTIN_ENTRY_POINTS
 from container.errors import status_type
 from handlers.formatters import INPUT_FORMATTER_TAG, OUTPUT_FORMATTER_TAG
 from handlers.inputs import Input, input_from_items, split_batch_key
@@ -43,17 +44,6 @@ Handle = Callable[[Input], "Output | None"]
 DEFAULT_HANDLER_MODULE = "handlers.llm"
 DEFAULT_HANDLER_CLASS = "LLMHandler"
 
-# LMI's built-in handlers, as users name them in option.entryPoint. They all mean "serve this
-# LLM with the engine's default handler", which is what ours does.
-LMI_BUILTIN_ENTRY_POINTS = frozenset({
-    "djl_python.huggingface",
-    "djl_python.deepspeed",
-    "djl_python.transformers_neuronx",
-    "djl_python.tensorrt_llm",
-    "djl_python.lmi_dist",
-    "djl_python.lmi_vllm.vllm_async_service",
-    "djl_python.lmi_trtllm.trtllm_async_service",
-})
 
 
 _module_ids = itertools.count()

@@ -191,3 +191,29 @@ def test_load_models_forms(tmp_path):
     specs = parse_load_models(f"{tmp_path / 'x'}, named={tmp_path / 'y'}, "
                               f"djl::Python=file://{tmp_path / 'x'}")
     assert [s.name for s in specs] == ["x", "named", "djl"]
+
+
+def test_mistyped_llm_option_fails_for_the_default_handler(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    write(tmp_path, "option.max_rolling_batch_sise=64\n")
+    with pytest.raises(ConfigError) as e:
+        load_model_config("m", tmp_path, env={})
+    msg = str(e.value)
+    assert "'option.max_rolling_batch_sise'" in msg and "serving.properties line 1" in msg
+    assert "did you mean 'option.max_rolling_batch_size'" in msg
+    write(tmp_path, "option.dtype=fp32\n")
+    with pytest.raises(ConfigError, match="'option.quantize' in environment variable OPTION_QUANTIZE"):
+        load_model_config("m", tmp_path, env={"OPTION_QUANTIZE": "awq"})
+
+
+def test_llm_options_checked_with_lmi_entry_point_but_not_for_custom_model_py(tmp_path):
+    write(tmp_path, "option.entryPoint=djl_python.huggingface\noption.my_knob=3\n")
+    with pytest.raises(ConfigError, match="option.my_knob"):
+        load_model_config("m", tmp_path, env={})
+    custom = tmp_path / "custom"
+    write(custom, "option.my_knob=3\n")
+    (custom / "model.py").write_text("def handle(inputs):\n    return None\n")
+    assert load_model_config("m", custom, env={}).options["my_knob"] == "3"
+    known = tmp_path / "known"
+    write(known, "option.rolling_batch=native\noption.dtype=bf16\noption.tgi_compat=true\n")
+    assert load_model_config("m", known, env={"HF_REVISION": "main"}).options["dtype"] == "bf16"
