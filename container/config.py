@@ -177,7 +177,9 @@ LMI_BUILTIN_ENTRY_POINTS = frozenset({
 LLM_OPTIONS: dict[str, str] = {
     "model_id": "local model directory (default: the model dir)",
     "revision": "model revision (set by HF_REVISION; unused for local directories)",
-    "trust_remote_code": "allow model code (set by HF_MODEL_TRUST_REMOTE_CODE)",
+    # Accepted so LMI configs load; LMC loads models with transformers' own classes and never
+    # runs code shipped with a model, whatever this says.
+    "trust_remote_code": "accepted for LMI compatibility; model code is never run",
     "entryPoint": "handler: a file, a module or an LMI built-in name",
     "dtype": "auto | fp32 | fp16 | bf16",
     "tensor_parallel_degree": "ranks per worker group, int or max",
