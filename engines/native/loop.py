@@ -207,8 +207,12 @@ def start_native_engine(model_dir: str, **options) -> EngineLoop:
 
     from engines.native.engine import NativeEngine
 
-    if dist.is_available() and dist.is_initialized() and dist.get_rank() > 0:
-        return EngineLoop(NativeEngine(model_dir, **options))  # a follower: no loop thread
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        # A tensor-parallel group: built on the calling thread (followers step on it; on rank
+        # 0 the loop thread starts in EngineLoop). Building rank 0's engine on its loop thread
+        # made the group's process abort at exit ("terminate called without an active
+        # exception") in 3 of 4 runs, so TP keeps this path until that is understood.
+        return EngineLoop(NativeEngine(model_dir, **options))
 
     # The engine is built on the thread that will step it. Measured on 2 cores: torch's
     # OpenMP matmuls run ~20% slower on a thread whose parallel team is created after the
