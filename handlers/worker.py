@@ -19,7 +19,7 @@ import sys
 import threading
 
 from container import protocol as P
-from handlers.ranks import RankGroup, rank_and_world
+from handlers.ranks import RankGroup, exit_without_teardown, rank_and_world
 
 log = logging.getLogger("lmc.worker")
 
@@ -222,10 +222,5 @@ def _replica(service, group: RankGroup) -> None:
 if __name__ == "__main__":
     code = main()
     if rank_and_world()[1] > 1:
-        # A tensor-parallel rank: skip C++ static teardown, which with gloo sometimes aborts
-        # at exit ("terminate called without an active exception") after a clean shutdown.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+        exit_without_teardown(code)
     sys.exit(code)

@@ -16,24 +16,21 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 
 # Run as a script from anywhere: the repo root holds the `engines` package.
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from engines.deepspeed import DeepSpeedEngine  # noqa: E402
 from engines.types import SamplingParams  # noqa: E402
+from handlers.ranks import RankGroup, exit_without_teardown, rank_and_world  # noqa: E402
 
 
 def main() -> None:
     model_dir, out_dir, port, requests_json = sys.argv[1:5]
-    env = os.environ
-    rank, world = int(env["OMPI_COMM_WORLD_RANK"]), int(env["OMPI_COMM_WORLD_SIZE"])
-    env.update(RANK=str(rank), WORLD_SIZE=str(world),
-               LOCAL_RANK=env.get("OMPI_COMM_WORLD_LOCAL_RANK", str(rank)),
-               MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     torch.set_num_threads(1)  # two ranks on a 2-core box: one thread each
-    dist.init_process_group("gloo", init_method="env://", rank=rank, world_size=world)
+    group = RankGroup(*rank_and_world())  # exactly as the worker joins its group
+    rank, world = group.rank, group.world
 
     engine = DeepSpeedEngine(model_dir, dtype="fp32")
     requests = json.loads(requests_json)
@@ -55,13 +52,8 @@ def main() -> None:
         "stream": stream,
     }
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(report))
-    dist.barrier()
-    dist.destroy_process_group()
-    # The report is written. Skip C++ static teardown, which with gloo sometimes aborts at
-    # exit ("terminate called without an active exception").
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    group.close()
+    exit_without_teardown(0)
 
 
 if __name__ == "__main__":

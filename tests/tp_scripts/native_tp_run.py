@@ -52,14 +52,12 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo root
 
     import torch
-    import torch.distributed as dist
+    from handlers.ranks import RankGroup, exit_without_teardown, rank_and_world
 
-    rank = int(os.environ["OMPI_COMM_WORLD_RANK"])
-    world = int(os.environ["OMPI_COMM_WORLD_SIZE"])
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=port)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     torch.set_num_threads(1)  # tiny models; the ranks share a small box
-    dist.init_process_group("gloo", init_method="env://")
+    group = RankGroup(*rank_and_world())  # exactly as the worker joins its group
+    rank, world = group.rank, group.world
 
     from engines.native.loop import start_native_engine
 
@@ -78,13 +76,8 @@ def main() -> None:
     if rank == 0:
         (out / "results.json").write_text(json.dumps(results))
     (out / f"rank{rank}.json").write_text(json.dumps(did))
-    dist.barrier()  # nobody tears the group down while another rank still uses it
-    dist.destroy_process_group()
-    # Every result is written. Skip C++ static teardown: with gloo it sometimes aborts at exit
-    # ("terminate called without an active exception", no Python frame on any thread).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    group.close()
+    exit_without_teardown(0)
 
 
 if __name__ == "__main__":
