@@ -101,7 +101,8 @@ def test_text_plain_body_is_the_prompt(handler):
 def test_model_id_local_dir_wins_over_model_dir(model_dir, tmp_path):
     handler = LLMHandler()
     handler.handle(Input({"model_dir": str(tmp_path), "model_id": str(model_dir)}))
-    assert handler.engine is not None
+    # tmp_path holds no model at all: the engine can only have come from model_id.
+    assert handler.engine.tokenizer.name_or_path == str(model_dir)
 
 
 def test_missing_model_is_a_clear_error(tmp_path):

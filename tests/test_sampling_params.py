@@ -63,7 +63,10 @@ GOOD_EDGES = [
 
 @pytest.mark.parametrize("values", GOOD_EDGES)
 def test_values_at_the_limits_are_accepted(values):
-    SamplingParams.from_request(values)
+    params = SamplingParams.from_request(values)
+    for key, value in values.items():
+        got = getattr(params, key)
+        assert got == (tuple(value) if isinstance(value, list) else value), key
 
 
 BAD = [
