@@ -82,13 +82,15 @@ def run_hf(model_dir: Path, prompts: list[list[int]], output_len: int, dtype, de
 
 
 def run_native(model_dir: Path, prompts: list[list[int]], output_len: int, dtype_name: str,
-               device, max_num_seqs: int) -> tuple[float, dict]:
+               device, max_num_seqs: int, *, attention_backend: str = "auto",
+               cuda_graphs: bool | None = None, profile: int = 0) -> tuple[float, dict]:
     from engines.native.engine import NativeEngine
     from engines.types import SamplingParams
 
     engine = NativeEngine(str(model_dir), dtype=dtype_name, device=str(device),
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
-                          kv_cache_gb=None if device.type == "cuda" else 4.0)
+                          kv_cache_gb=None if device.type == "cuda" else 4.0,
+                          attention_backend=attention_backend, cuda_graphs=cuda_graphs)
     warm = SamplingParams(max_new_tokens=4, ignore_eos_token=True)
     engine.generate([p[:8] for p in prompts[:2]], [warm, warm])
     params = SamplingParams(max_new_tokens=output_len, ignore_eos_token=True)
@@ -99,8 +101,25 @@ def run_native(model_dir: Path, prompts: list[list[int]], output_len: int, dtype
     elapsed = time.perf_counter() - t
     assert all(len(r.token_ids) == output_len for r in results)
     info = {"steps_preempted": engine.scheduler.num_preemptions,
-            "kv_blocks": engine.block_manager.num_blocks}
+            "kv_blocks": engine.block_manager.num_blocks,
+            "attention": engine.runner.attention, "cuda_graphs": engine.runner.graphs is not None}
+    if profile:
+        print_profile(engine, prompts, params, device, profile)
     return len(prompts) * output_len / elapsed, info
+
+
+def print_profile(engine, prompts, params, device, rows: int) -> None:
+    """Run the workload again under torch.profiler and print where the time goes: the top ops
+    by self time on the GPU (on CPU, by self CPU time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda"
+                                           else [])
+    with profile(activities=activities) as prof:
+        engine.generate(prompts, [params] * len(prompts))
+        _sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=rows), flush=True)
 
 
 def _sync(device) -> None:
@@ -119,6 +138,12 @@ def main() -> int:
     ap.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-hf", action="store_true")
+    ap.add_argument("--attention-backend", choices=["auto", "triton", "torch"], default="auto",
+                    help="native engine decode attention (option.attention_backend)")
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="native engine without CUDA graphs (option.enforce_eager)")
+    ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
+                    help="rerun the native workload under torch.profiler, print the top ROWS ops")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -143,7 +168,10 @@ def main() -> int:
 
     result = {"config": vars(args)}
     native, info = run_native(model_dir, prompts, args.output_len, args.dtype, device,
-                              max_num_seqs=max(args.num_prompts, 1))
+                              max_num_seqs=max(args.num_prompts, 1),
+                              attention_backend=args.attention_backend,
+                              cuda_graphs=False if args.enforce_eager else None,
+                              profile=args.profile)
     result["native_out_tok_s"] = native
     print(f"native engine      : {native:8.1f} out tok/s  {info}", flush=True)
     if not args.skip_hf:

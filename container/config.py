@@ -189,6 +189,8 @@ LLM_OPTIONS: dict[str, str] = {
     "cpu_kv_cache_gb": "KV cache size on CPU (native engine)",
     "gpu_memory_utilization": "share of free GPU memory for the KV cache (native engine)",
     "enable_prefix_caching": "true | false (native engine)",
+    "attention_backend": "auto | triton | torch: decode attention (native engine)",
+    "enforce_eager": "true: no CUDA graphs (native engine)",
     "output_formatter": "json | jsonlines | sse | *_chat | none | module:function",
     "tgi_compat": "true: TGI-shaped answers",
     "predict_timeout": "s for a request's first byte",

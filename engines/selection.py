@@ -126,6 +126,19 @@ def choose_engine(model_dir: str, options: Mapping[str, str], *, cuda: bool) -> 
     kv_gb = _float(options, "cpu_kv_cache_gb")
     if kv_gb is not None:
         kwargs["kv_cache_gb"] = kv_gb
+    backend = options.get("attention_backend")
+    if backend:
+        from engines.native.runner import ATTENTION_BACKENDS
+
+        if backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"option.attention_backend={backend!r} is not one of "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
+        kwargs["attention_backend"] = backend
+    eager = (options.get("enforce_eager") or "false").lower()
+    if eager not in ("true", "false"):
+        raise ValueError(f"option.enforce_eager={eager!r} is not true or false")
+    if eager == "true":
+        kwargs["cuda_graphs"] = False
     util = _float(options, "gpu_memory_utilization")
     if util is not None:
         kwargs["gpu_memory_utilization"] = util

@@ -1,6 +1,14 @@
 """Fixtures shared by several test modules."""
 
+import os
+from pathlib import Path
+
 import pytest
+
+# Without a GPU, the Triton kernels run in Triton's interpreter; Triton reads this once, when it
+# is first imported (DeepSpeed and transformers may import it before the engine does).
+if not any(Path("/dev").glob("nvidia[0-9]*")):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="module")

@@ -22,9 +22,15 @@ def model_dir(tmp_path_factory):
     return make_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
 
 
+# A tiny model needs a few MB of KV cache, not the default 2 GB: this module's engines live as
+# long as the test process, each with its pool allocated and zeroed.
+KV_GB = "0.02"
+
+
 def warm(model_dir, **handler_kwargs) -> LLMHandler:
     handler = LLMHandler(**handler_kwargs)
-    assert handler.handle(Input({"model_dir": str(model_dir), "dtype": "fp32"})) is None
+    props = {"model_dir": str(model_dir), "dtype": "fp32", "cpu_kv_cache_gb": KV_GB}
+    assert handler.handle(Input(props)) is None
     return handler
 
 
@@ -32,7 +38,8 @@ def warm(model_dir, **handler_kwargs) -> LLMHandler:
 def handler(model_dir, request):
     """Every handler test runs on both engines: the schema must behave the same on each."""
     h = LLMHandler()
-    props = {"model_dir": str(model_dir), "dtype": "fp32", "rolling_batch": request.param}
+    props = {"model_dir": str(model_dir), "dtype": "fp32", "rolling_batch": request.param,
+             "cpu_kv_cache_gb": KV_GB}
     assert h.handle(Input(props)) is None
     expected = "EngineLoop" if request.param == "native" else "HFEngine"
     assert type(h.engine).__name__ == expected
@@ -100,7 +107,8 @@ def test_text_plain_body_is_the_prompt(handler):
 
 def test_model_id_local_dir_wins_over_model_dir(model_dir, tmp_path):
     handler = LLMHandler()
-    handler.handle(Input({"model_dir": str(tmp_path), "model_id": str(model_dir)}))
+    handler.handle(Input({"model_dir": str(tmp_path), "model_id": str(model_dir),
+                          "cpu_kv_cache_gb": KV_GB}))
     # tmp_path holds no model at all: the engine can only have come from model_id.
     assert handler.engine.tokenizer.name_or_path == str(model_dir)
 
@@ -181,7 +189,8 @@ def test_batch_of_only_bad_items_is_400(handler):
 def test_through_model_service(model_dir):
     """The loader path: config.json in the model dir selects this handler; results split per
     item."""
-    service = ModelService.load(str(model_dir), {"model_dir": str(model_dir), "dtype": "fp32"})
+    service = ModelService.load(str(model_dir), {"model_dir": str(model_dir), "dtype": "fp32",
+                                                 "cpu_kv_cache_gb": KV_GB})
     results = service.invoke([
         RequestItem(0, {"Content-Type": "application/json"},
                     [("data", b'{"inputs": "Hello", "parameters": {"max_new_tokens": 4}}')]),

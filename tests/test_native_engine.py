@@ -127,6 +127,59 @@ def test_greedy_matches_hf_generate_and_log_probs(dirs, name):
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
 
 
+# ---- the GPU decode path (paged-attention kernel, CUDA-graph static batches) on CPU ----------
+#
+# On CPU the Triton kernel runs in Triton's interpreter and the graph runner runs its padded
+# static batches uncaptured: the same code a GPU runs, checked against transformers here.
+
+
+def _count_graph_steps(engine: NativeEngine) -> list[int]:
+    sizes = []
+    run = engine.runner.graphs.run
+
+    def counting(chunks):
+        sizes.append(len(chunks))
+        return run(chunks)
+
+    engine.runner.graphs.run = counting
+    return sizes
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])  # GQA; a sliding window
+def test_gpu_decode_path_matches_hf_generate_and_log_probs(dirs, name):
+    pytest.importorskip("triton")
+    path = dirs(name)
+    prompts, params = workload(seed=len(name) + 1, n=8)
+    # max_num_seqs 6: buckets 1, 2, 4, 6, so most steps run with padding rows.
+    engine = native(path, attention_backend="triton", cuda_graphs=True, block_size=8,
+                    num_blocks=256, max_num_seqs=6)
+    assert engine.runner.attention == "triton" and engine.runner.graphs is not None
+    graph_steps = _count_graph_steps(engine)
+    results = engine.generate(prompts, params)
+    for prompt, p, r, want in zip(prompts, params, results, expected(path, prompts, params)):
+        assert r.token_ids == want, (len(prompt), p)
+        assert_log_probs_match(path, prompt, r, p)
+    assert len(graph_steps) > 10 and any(n not in (1, 2, 4, 6) for n in graph_steps)
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_paged_kernel_in_mixed_steps_with_preemption(dirs):
+    """Kernel without graphs: decode rows share steps with prefill chunks, and a small pool
+    preempts."""
+    pytest.importorskip("triton")
+    path = dirs("llama")
+    prompts, params = workload(seed=7, n=8)
+    # 20 blocks of 8: room for one request (at most 100 tokens) but not for all at once.
+    engine = native(path, attention_backend="triton", cuda_graphs=False, block_size=8,
+                    num_blocks=20, max_num_batched_tokens=16)
+    assert engine.runner.graphs is None
+    chunks = _prompt_chunks(engine)
+    results = engine.generate(prompts, params)
+    assert [r.token_ids for r in results] == expected(path, prompts, params)
+    assert engine.scheduler.num_preemptions > 0
+    assert any(not c.sample for c in chunks)
+
+
 def _prompt_chunks(engine: NativeEngine) -> list:
     """Record every scheduled chunk of the engine's steps."""
     chunks = []

@@ -61,7 +61,8 @@ class NativeEngine(TokenizerMixin):
                  max_num_seqs: int = 32, max_num_batched_tokens: int = 2048,
                  block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_gb: float | None = None, gpu_memory_utilization: float = 0.9,
-                 enable_prefix_caching: bool = True, tp_size: int = 1) -> None:
+                 enable_prefix_caching: bool = True, tp_size: int = 1,
+                 attention_backend: str = "auto", cuda_graphs: bool | None = None) -> None:
         from transformers import AutoTokenizer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -95,18 +96,21 @@ class NativeEngine(TokenizerMixin):
                                           enable_prefix_caching=enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
                                    max_num_batched_tokens=max_num_batched_tokens)
-        self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size)
         # One sequence can never hold more tokens than the whole KV pool: past that it would be
         # preempted and re-admitted forever, so such a sequence ends with "length" instead.
         self.max_context = min(self.max_context, num_blocks * block_size)
+        self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size,
+                                  attention=attention_backend, cuda_graphs=cuda_graphs,
+                                  max_batch=max_num_seqs, max_context=self.max_context)
         self._requests: dict[int, _Request] = {}
         self._by_rid: dict[object, int] = {}
         self._seq_ids = itertools.count()
         # Seq ids whose prompt log-probs are still being computed (decoder_input_details).
         self._want_prompt_lps: set[int] = set()
         self._stopped = False
-        log.info("native engine: %s %s on %s, %d KV blocks of %d tokens%s", spec.architecture,
-                 self.dtype, self.device, num_blocks, block_size,
+        log.info("native engine: %s %s on %s, %d KV blocks of %d tokens, %s decode attention"
+                 "%s%s", spec.architecture, self.dtype, self.device, num_blocks, block_size,
+                 self.runner.attention, ", CUDA graphs" if self.runner.graphs else "",
                  f", tensor-parallel rank {self.tp.rank} of {self.tp.size}" if self.tp else "")
 
     # -- setup helpers --------------------------------------------------------------------------

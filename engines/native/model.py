@@ -264,7 +264,8 @@ class LlamaModel:
         tp = self.tp
         x = self._embed(batch.token_ids)  # [T, hidden]
         cos, sin = self._rope(batch.positions)
-        decode = self._decode_buffers(batch) if batch.decode_count else None
+        decode = (self._decode_buffers(batch)
+                  if batch.decode_count and batch.decode_seq_lens is None else None)
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_cache)):
             h = self._rms_norm(x, layer["in_norm"])
             qkv = h @ layer["qkv"]  # [T, (H + 2KV) * D]
@@ -313,7 +314,8 @@ class LlamaModel:
     # costs as much as the attention itself (memory bandwidth). So on CPU the decode batch keeps
     # a contiguous copy per layer, [B, KV, capacity, D]: while the same sequences keep decoding
     # (the common case) each step only appends one row per sequence; when the set changes, the
-    # copy is rebuilt from the pool. On GPU the gather is cheap and memory is not, so it gathers.
+    # copy is rebuilt from the pool. On GPU, decode rows use the paged-attention kernel
+    # (paged_attention.py), which reads the blocks in place.
 
     def _decode_buffers(self, batch: "StepBatch") -> dict | None:
         if self.device.type != "cpu":
@@ -349,7 +351,16 @@ class LlamaModel:
         outs = []
         # Decode rows (one query each) attend together over [B, L, KV, D] keys with a padding
         # mask. Prefill chunks run one by one with a causal mask offset by their start.
-        if batch.decode_count:
+        if batch.decode_seq_lens is not None:
+            from engines.native.paged_attention import paged_decode_attention
+
+            nd = batch.decode_count
+            o = paged_decode_attention(
+                q[:nd], k_cache, v_cache, batch.decode_slots, batch.decode_seq_lens,
+                block_size=self.block_size, scale=self.scale,
+                sliding_window=s.sliding_window or 0)  # [B, H, D]
+            outs.append(o.reshape(nd, -1))
+        elif batch.decode_count:
             nd = batch.decode_count
             nb = batch.decode_slots.shape[1]
             length = nb * self.block_size
@@ -406,3 +417,6 @@ class StepBatch:
     prefills: list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]]
     decode_key: tuple[int, ...] = ()  # seq ids of the decode rows, in order
     decode_lens: tuple[int, ...] = ()  # their lengths including this step's token
+    # Set when decode rows use the paged-attention kernel: [B] int32, decode_lens on the device
+    # (decode_mask is then None and the kernel reads the blocks of decode_slots in place).
+    decode_seq_lens: torch.Tensor | None = None

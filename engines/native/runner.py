@@ -8,12 +8,15 @@ tensor parallelism every rank runs the same plan; only rank 0 gets logits back.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from engines.native.model import LlamaModel, StepBatch
 from engines.native.plan import StepPlan
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -34,14 +37,52 @@ class _PromptRows:
     targets: list[int]
 
 
+ATTENTION_BACKENDS = ("auto", "triton", "torch")
+
+
 class ModelRunner:
-    def __init__(self, model: LlamaModel, *, num_blocks: int, block_size: int) -> None:
+    """`attention`: how decode rows attend. "triton": the paged-attention kernel, reading KV
+    blocks in place (compiled on CUDA, interpreted on CPU, which only tests want); "torch":
+    gather + SDPA, with contiguous per-sequence buffers on CPU; "auto": triton on CUDA when
+    Triton is installed, else torch. `cuda_graphs`: replay captured graphs for decode-only steps
+    of up to `max_batch` rows (needs the triton backend; None: on CUDA without TP; True on CPU
+    runs the same padded static path uncaptured, for tests)."""
+
+    def __init__(self, model: LlamaModel, *, num_blocks: int, block_size: int,
+                 attention: str = "auto", cuda_graphs: bool | None = None, max_batch: int = 32,
+                 max_context: int | None = None) -> None:
+        from engines.native.paged_attention import triton_available
+
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = model.device
-        self.kv_cache = model.allocate_kv_cache(num_blocks, block_size)
+        # One block more than the block manager hands out: padded rows of a CUDA graph write
+        # their keys and values there.
+        self.kv_cache = model.allocate_kv_cache(num_blocks + 1, block_size)
         self.sliding_window = model.spec.sliding_window
+        if attention not in ATTENTION_BACKENDS:
+            raise ValueError(f"option.attention_backend={attention!r} is not one of "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
+        if attention == "auto":
+            attention = "triton" if self.device.type == "cuda" and triton_available() else "torch"
+        elif attention == "triton" and not triton_available():
+            raise ValueError("option.attention_backend=triton needs the triton package")
+        self.attention = attention
+        if cuda_graphs is None:
+            cuda_graphs = self.device.type == "cuda" and model.tp is None
+        if cuda_graphs and attention != "triton":
+            log.info("CUDA graphs off: decode attention is %s, not the paged kernel", attention)
+            cuda_graphs = False
+        self.graphs = None
+        if cuda_graphs:
+            from engines.native.cuda_graphs import DecodeGraphs
+
+            context = max_context or num_blocks * block_size
+            self.graphs = DecodeGraphs(
+                model, self.kv_cache, block_size=block_size, max_batch=max_batch,
+                max_blocks=-(-context // block_size), scratch_block=num_blocks,
+                capture=self.device.type == "cuda")
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -70,15 +111,18 @@ class ModelRunner:
             lengths.append(c.start + 1)
             logits_rows.append(len(token_ids) - 1)
             logits_seq.append(c.seq_id)
-        decode_slots = decode_mask = None
+        decode_slots = decode_mask = decode_seq_lens = None
         if decodes:
             max_len = max(lengths)
             bs = self.block_size
             max_blocks = -(-max_len // bs)
-            # Whole blocks are gathered (one contiguous block_size x KV x D copy each), so the
-            # key axis is padded to a block multiple and masked past each row's length.
             decode_slots = torch.tensor([(c.block_table + [0] * max_blocks)[:max_blocks]
                                          for c in decodes], dtype=torch.long, device=dev)  # [B, NB]
+        if decodes and self.attention == "triton":
+            decode_seq_lens = torch.tensor(lengths, dtype=torch.int32, device=dev)  # [B]
+        elif decodes:
+            # Whole blocks are gathered (one contiguous block_size x KV x D copy each), so the
+            # key axis is padded to a block multiple and masked past each row's length.
             pos = torch.arange(max_blocks * bs, device=dev)  # [L = NB * bs]
             lens = torch.tensor(lengths, device=dev)[:, None]  # [B, 1]
             mask = pos[None, :] < lens  # [B, L]
@@ -124,6 +168,7 @@ class ModelRunner:
             decode_key=tuple(c.seq_id for c in decodes),
             decode_lens=tuple(lengths),
             prefills=prefill_parts,
+            decode_seq_lens=decode_seq_lens,
         )
         return batch, logits_seq, prompt_rows
 
@@ -132,6 +177,8 @@ class ModelRunner:
         """Logits of the sampling rows with their seq ids; for the chunks with prompt targets,
         the log-probs of those prompt tokens. With tensor parallelism, ranks > 0 get an empty
         output (rank 0 alone samples)."""
+        if self.graphs is not None and self.graphs.fits(plan.chunks):
+            return RunnerOutput(self.graphs.run(plan.chunks), [c.seq_id for c in plan.chunks])
         batch, logits_seq, prompt_rows = self.build(plan)
         hidden = self.model.forward(batch, self.kv_cache)
         if not logits_seq and not prompt_rows:
