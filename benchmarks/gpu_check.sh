@@ -2,7 +2,7 @@
 # Everything the native engine's GPU path needs checked and measured, in one run on a GPU
 # machine (the device tool's H100/H200: its python3 already has torch, Triton, transformers):
 #
-#   bash benchmarks/gpu_check.sh [OUT_DIR]      # from the repo root; about 6-8 minutes
+#   bash benchmarks/gpu_check.sh [OUT_DIR]      # from the repo root; est. 6-8 minutes (not yet run)
 #
 # 1. the CUDA tests: the compiled kernel against the torch reference, and the engine with and
 #    without CUDA graphs token-exact against transformers;

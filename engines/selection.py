@@ -57,6 +57,16 @@ def _float(options: Mapping[str, str], key: str) -> float | None:
         raise ValueError(f"option.{key}={raw!r} is not a number") from None
 
 
+def _bool(options: Mapping[str, str], key: str) -> bool | None:
+    raw = options.get(key)
+    if raw is None:
+        return None
+    value = raw.strip().lower()
+    if value not in ("true", "false"):
+        raise ValueError(f"option.{key}={raw!r} is not true or false")
+    return value == "true"
+
+
 def _tp_size(options: Mapping[str, str]) -> int:
     if (options.get("tensor_parallel_degree") or "").strip().lower() == "max":
         import torch.distributed as dist
@@ -128,16 +138,10 @@ def choose_engine(model_dir: str, options: Mapping[str, str], *, cuda: bool) -> 
         kwargs["kv_cache_gb"] = kv_gb
     backend = options.get("attention_backend")
     if backend:
-        from engines.native.runner import ATTENTION_BACKENDS
+        from engines.native.runner import check_attention_backend
 
-        if backend not in ATTENTION_BACKENDS:
-            raise ValueError(f"option.attention_backend={backend!r} is not one of "
-                             f"{', '.join(ATTENTION_BACKENDS)}")
-        kwargs["attention_backend"] = backend
-    eager = (options.get("enforce_eager") or "false").lower()
-    if eager not in ("true", "false"):
-        raise ValueError(f"option.enforce_eager={eager!r} is not true or false")
-    if eager == "true":
+        kwargs["attention_backend"] = check_attention_backend(backend)
+    if _bool(options, "enforce_eager"):
         kwargs["cuda_graphs"] = False
     util = _float(options, "gpu_memory_utilization")
     if util is not None:

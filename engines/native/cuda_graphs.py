@@ -48,6 +48,7 @@ class DecodeGraphs:
         self.max_batch = self.sizes[-1]
         dev = model.device
         n = self.max_batch
+        self.scratch_block = scratch_block
         self.scratch_slot = scratch_block * block_size
         # Static inputs; row i of every bucket's batch is row i of these.
         self.token_ids = torch.zeros(n, dtype=torch.long, device=dev)
@@ -124,11 +125,12 @@ class DecodeGraphs:
         self.slot_mapping[:size].copy_(head[2], non_blocking=True)
         self.seq_lens[:size].copy_(head[3], non_blocking=True)
         width = max(-(-n // bs) for n in lens)
+        # Shorter rows' tables are padded to the longest; the kernel stops at each row's length.
         tables = torch.tensor([c.block_table[:width] + [0] * (width - len(c.block_table))
                                for c in chunks], dtype=torch.int32)  # [B, width]
         self.tables[:b, :width].copy_(tables, non_blocking=True)
         if pad:
-            self.tables[b:size, 0] = self.scratch_slot // bs
+            self.tables[b:size, 0] = self.scratch_block
         graph = self.graphs.get(size)
         if graph is None:
             return self._forward(size)[:b]

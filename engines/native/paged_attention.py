@@ -9,8 +9,8 @@ bound comes from `seq_lens` on the device, so the launch has the same shape ever
 captured in a CUDA graph.
 
 On a machine with CUDA it is compiled; without one, the same kernel source runs in Triton's
-interpreter (numpy) on CPU tensors, which is how CI checks it. `paged_decode_attention_reference` is the
-same computation in plain torch (gather + softmax), for tests and for devices without Triton.
+interpreter (numpy) on CPU tensors, which is how CI checks it. `paged_decode_attention_reference`
+is the same computation in plain torch (gather + softmax), which the tests compare it with.
 
 Shapes: B = decode rows, H = query heads, KV = key/value heads, D = head dim, NB = block table
 width, S = slots in the pool (num_blocks * block_size).
@@ -30,12 +30,8 @@ try:
     import triton
 
     from engines.native.triton_kernels import paged_decode_kernel
-except ImportError:  # installs without Triton: callers use the reference
+except ImportError:  # installs without Triton: the runner then never selects the kernel
     triton = None
-
-
-def triton_available() -> bool:
-    return triton is not None
 
 
 def _check_mode(device: torch.device) -> None:
@@ -86,8 +82,7 @@ def _pow2(n: int) -> int:
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, seq_lens: torch.Tensor, *,
-                           block_size: int, scale: float, sliding_window: int = 0,
-                           out: torch.Tensor | None = None) -> torch.Tensor:
+                           block_size: int, scale: float, sliding_window: int = 0) -> torch.Tensor:
     """q [B, H, D], k/v_cache [S, KV, D] (slot = block * block_size + offset), block_tables
     [B, NB] int, seq_lens [B] int (keys 0 .. len-1 are attended; each row's own key is already
     in the cache) -> [B, H, D] in q's dtype. Rows with seq_len 0 are not allowed."""
@@ -101,8 +96,7 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     if q.stride(-1) != 1 or k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("the head dim must be contiguous")
     _check_mode(q.device)
-    if out is None:
-        out = torch.empty_like(q)
+    out = torch.empty_like(q)
     group = h // kvh
     _kernel()[(b, kvh)](
         q, k_cache, v_cache, block_tables, seq_lens, out,

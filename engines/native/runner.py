@@ -40,6 +40,20 @@ class _PromptRows:
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
 
 
+def check_attention_backend(name: str) -> str:
+    if name not in ATTENTION_BACKENDS:
+        raise ValueError(f"option.attention_backend={name!r} is not one of "
+                         f"{', '.join(ATTENTION_BACKENDS)}")
+    return name
+
+
+def _triton_installed() -> bool:
+    # Without importing it: Triton is large, and on CPU only the interpreter tests use it.
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
+
+
 class ModelRunner:
     """`attention`: how decode rows attend. "triton": the paged-attention kernel, reading KV
     blocks in place (compiled on CUDA, interpreted on CPU, which only tests want); "torch":
@@ -51,8 +65,6 @@ class ModelRunner:
     def __init__(self, model: LlamaModel, *, num_blocks: int, block_size: int,
                  attention: str = "auto", cuda_graphs: bool | None = None, max_batch: int = 32,
                  max_context: int | None = None) -> None:
-        from engines.native.paged_attention import triton_available
-
         self.model = model
         self.block_size = block_size
         self.num_blocks = num_blocks
@@ -61,12 +73,10 @@ class ModelRunner:
         # their keys and values there.
         self.kv_cache = model.allocate_kv_cache(num_blocks + 1, block_size)
         self.sliding_window = model.spec.sliding_window
-        if attention not in ATTENTION_BACKENDS:
-            raise ValueError(f"option.attention_backend={attention!r} is not one of "
-                             f"{', '.join(ATTENTION_BACKENDS)}")
+        check_attention_backend(attention)
         if attention == "auto":
-            attention = "triton" if self.device.type == "cuda" and triton_available() else "torch"
-        elif attention == "triton" and not triton_available():
+            attention = "triton" if self.device.type == "cuda" and _triton_installed() else "torch"
+        elif attention == "triton" and not _triton_installed():
             raise ValueError("option.attention_backend=triton needs the triton package")
         self.attention = attention
         if cuda_graphs is None:
