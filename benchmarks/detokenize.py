@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engines.hf.detokenizer import TextStream  # noqa: E402
+from engines.detokenizer import TextStream  # noqa: E402
 
 PROSE = ("The quick brown fox jumps over the lazy dog; naïve café owners serve crème brûlée. "
          "日本語の文章も少し混ぜます。 Emoji too 😀🚀, and numbers 3.14159 and code `x += 1`.\n")

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 
+from engines.contracts.names import LMI_BUILTIN_ENTRY_POINTS
+
 log = logging.getLogger("lmc.config")
 
 PROPERTIES_FILE = "serving.properties"
@@ -160,17 +162,6 @@ _SERVER_KEYS = (
 )
 
 
-# LMI's built-in handlers, as users name them in option.entryPoint. They all mean "serve this
-# LLM with the default handler", which LMC's LLM handler does.
-LMI_BUILTIN_ENTRY_POINTS = frozenset({
-    "djl_python.huggingface",
-    "djl_python.deepspeed",
-    "djl_python.transformers_neuronx",
-    "djl_python.tensorrt_llm",
-    "djl_python.lmi_dist",
-    "djl_python.lmi_vllm.vllm_async_service",
-    "djl_python.lmi_trtllm.trtllm_async_service",
-})
 
 # option.* keys the default LLM handler and its engines read. A custom model.py may use any
 # option (LMI passes them all to it), so this list only applies when the default handler runs.

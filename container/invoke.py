@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from container import errors as E
-from container import protocol as P
+from engines.contracts import errors as E
+from engines.contracts import protocol as P
 from container.wlm import Job, Model, StreamEnd, new_request_item, stream_chunks
 
 JSON_TYPE = "application/json"

@@ -9,11 +9,10 @@ import json
 
 from aiohttp import web
 
-from container import errors as E
+from engines.contracts import errors as E
 from container import invoke
+from engines.contracts.names import API_PROPERTY
 from container.wlm import Model
-
-API_PROPERTY = "X-LMC-API"
 
 # path -> X-LMC-API value. "/" is TGI's compat root: it answers like /generate or
 # /generate_stream depending on the body's "stream"; huggingface_hub's InferenceClient posts

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from container import errors as E
+from engines.contracts import errors as E
 from container import invoke
 from container.wlm import Model, StreamEnd
 

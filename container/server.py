@@ -17,7 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
-from container import errors as E
+from engines.contracts import errors as E
 from container import invoke, llm_routes, sagemaker_runtime
 from container.config import (ConfigError, ModelSpec, ServerConfig, load_model_config)
 from container.groups import LayoutError

@@ -1,7 +1,7 @@
 """Workload manager: per model a bounded job queue, a dynamic batcher and a pool of workers.
 
 Each worker is a separate process (later: an MPI group whose rank 0 connects) that talks to us
-over its own Unix socket with the frames of container/protocol.py. A worker's dispatch loop takes
+over its own Unix socket with the frames of engines/contracts/protocol.py. A worker's dispatch loop takes
 a batch from the model's queue, sends it as one Request, and waits until every job of the batch
 is finished (its Response, and for a stream its End) before taking the next batch.
 
@@ -27,11 +27,11 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from container import protocol as P
+from engines.contracts import protocol as P
 from container.batcher import collect_batch
 from container.config import ModelConfig
 from container.groups import GroupSpec, LayoutError, count_gpus, parse_tp, plan_groups
-from container.errors import (LmcError, ModelNotReady, PredictTimeout, QueueFull,
+from engines.contracts.errors import (LmcError, ModelNotReady, PredictTimeout, QueueFull,
                               ServiceUnavailable, WorkerDied)
 
 log = logging.getLogger("lmc.wlm")

@@ -20,7 +20,7 @@ from handlers.pair_list import PairList
 if TYPE_CHECKING:
     import numpy as np
 
-    from container.protocol import RequestItem
+    from engines.contracts.protocol import RequestItem
 
 BATCH_SIZE_KEY = "batch_size"
 CUSTOM_ATTRIBUTES_HEADER = "x-amzn-sagemaker-custom-attributes"

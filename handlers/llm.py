@@ -43,14 +43,14 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from engines.contracts.names import API_PROPERTY, ITEM_CODE_PROPERTY
 from engines.registry import get_engine_class
 from engines.selection import choose_engine
 from engines.types import GenerationResult, SamplingParams, TokenEvent, ValidationError
 from handlers import llm_formats as fmt
 from handlers.inputs import Input, batch_key
-from handlers.llm_schema import API_PROPERTY, Api, LLMRequest, parse_request
+from handlers.llm_schema import Api, LLMRequest, parse_request
 from handlers.outputs import Output
-from handlers.service import ITEM_CODE_PROPERTY
 
 logger = logging.getLogger(__name__)
 

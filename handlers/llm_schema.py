@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Any, Protocol
 
+from engines.contracts.names import API_PROPERTY
 from engines.types import ACCEPTED_PARAMETERS, SamplingParams, ValidationError
 
 
@@ -43,8 +44,6 @@ class Api(str, Enum):
     def is_tgi(self) -> bool:
         return self in (Api.TGI, Api.TGI_GENERATE, Api.TGI_GENERATE_STREAM)
 
-
-API_PROPERTY = "X-LMC-API"
 
 HANDLER_PARAMETERS = frozenset({"return_full_text", "details", "n", "best_of", "truncate"})
 LMI_PARAMETERS = HANDLER_PARAMETERS | ACCEPTED_PARAMETERS

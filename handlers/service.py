@@ -26,15 +26,15 @@ from dataclasses import dataclass, field
 from types import ModuleType
 from typing import TYPE_CHECKING
 
-from container.config import LMI_BUILTIN_ENTRY_POINTS
-from container.errors import status_type
+from engines.contracts.errors import status_type
+from engines.contracts.names import ITEM_CODE_PROPERTY, LMI_BUILTIN_ENTRY_POINTS
 from handlers.formatters import INPUT_FORMATTER_TAG, OUTPUT_FORMATTER_TAG
 from handlers.inputs import Input, input_from_items, split_batch_key
 from handlers.outputs import Output, to_json_bytes
 from handlers.sagemaker import SAGEMAKER_FUNCTIONS, SageMakerHandler
 
 if TYPE_CHECKING:
-    from container.protocol import RequestItem
+    from engines.contracts.protocol import RequestItem
 
 logger = logging.getLogger(__name__)
 
@@ -167,8 +167,6 @@ class ModelService:
 
 # ---- splitting an Output back into per-request results ---------------------------------------
 
-
-ITEM_CODE_PROPERTY = "code"
 
 
 def _split_output(out: Output, n: int) -> list[ItemResult]:

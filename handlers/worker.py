@@ -18,7 +18,7 @@ import socket
 import sys
 import threading
 
-from container import protocol as P
+from engines.contracts import protocol as P
 from handlers.ranks import RankGroup, exit_without_teardown, rank_and_world
 
 log = logging.getLogger("lmc.worker")

@@ -7,7 +7,7 @@ import random
 import pytest
 from tiny_models import make_tokenizer
 
-from engines.hf.detokenizer import TextStream
+from engines.detokenizer import TextStream
 
 TEXTS = [
     "Hello world, this is a test of streaming.",

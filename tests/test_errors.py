@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from container import errors as E
+from engines.contracts import errors as E
 
 
 @pytest.mark.parametrize("cls, status, type_", [

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from container.protocol import RequestItem
+from engines.contracts.protocol import RequestItem
 from handlers import Input, Output
 from handlers.inputs import input_from_items, split_custom_attributes
 from handlers.ndlist import decode_ndlist, encode_ndlist

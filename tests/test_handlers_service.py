@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from container.protocol import RequestItem
+from engines.contracts.protocol import RequestItem
 from handlers import ItemResult, ModelService
 from handlers import service as service_mod
 from handlers.service import HandlerLoadError, error_status
@@ -319,7 +319,7 @@ def test_handlers_do_not_import_torch():
     code = textwrap.dedent(f"""
         import sys
         from handlers import ModelService
-        from container.protocol import RequestItem
+        from engines.contracts.protocol import RequestItem
         import djl_python, djl_python.encode_decode
         svc = ModelService.load({str(FIXTURES / 'echo')!r}, {{}})
         svc.invoke([RequestItem(0, {{}}, [("data", b"x")])])

@@ -12,7 +12,7 @@ import pytest
 import torch
 from tiny_models import EOS, make_tiny_llama
 
-from engines.hf.detokenizer import TextStream
+from engines.detokenizer import TextStream
 from engines.hf.engine import HFEngine
 from engines.registry import engine_names, get_engine_class
 from engines.types import FinishReason, SamplingParams, ValidationError

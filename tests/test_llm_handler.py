@@ -8,7 +8,7 @@ from handlers.service import _split_output
 import pytest
 from tiny_models import make_tiny_llama
 
-from container.protocol import RequestItem
+from engines.contracts.protocol import RequestItem
 from engines.types import ACCEPTED_PARAMETERS, SamplingParams
 from handlers import Input, ModelService
 from handlers.inputs import input_from_items

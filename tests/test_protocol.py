@@ -7,7 +7,7 @@ import struct
 
 import pytest
 
-from container import protocol as P
+from engines.contracts import protocol as P
 
 MESSAGES = [
     P.Init("m", "/models/m", {"model_dir": "/models/m", "dtype": "fp16"}),

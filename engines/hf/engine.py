@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from engines.hf.detokenizer import TextStream
+from engines.detokenizer import TextStream
 from engines.tokenizing import TokenizerMixin
 from engines.prompt import prompt_ids as checked_prompt_ids
 from engines.sampler import RowState, sample_rows

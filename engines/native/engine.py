@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from engines.hf.detokenizer import TextStream
+from engines.detokenizer import TextStream
 from engines.native.block_manager import BlockManager
 from engines.native.model import LlamaModel, read_spec
 from engines.native.plan import Keepalive, Shutdown, StepPlan, make_plan
