@@ -9,7 +9,8 @@ import os
 import subprocess
 import sys
 
-from container.config import ConfigError, load_server_config, resolve_models
+from container.config import resolve_models
+from engines.options import ConfigError, load_server_options
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -39,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
         return subprocess.call(cmd)
 
     try:
-        server_config = load_server_config(host=args.host, port=args.port)
+        server_config = load_server_options(host=args.host, port=args.port)
         logging.basicConfig(level=server_config.log_level,
                             format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         specs = resolve_models(model_dir=args.model_dir, model_store=args.model_store)

@@ -47,6 +47,11 @@ def count_gpus(env: Mapping[str, str] | None = None) -> list[str]:
     return [str(i) for i, line in enumerate(out.stdout.splitlines()) if line.startswith("GPU ")]
 
 
+def resolve_tp(degree: int | str, num_devices: int) -> int:
+    """option.tensor_parallel_degree as parsed (an int, or "max": all devices, 1 without)."""
+    return max(1, num_devices) if degree == "max" else int(degree)
+
+
 def parse_tp(value: str | None, num_devices: int) -> int:
     """option.tensor_parallel_degree: an int, or "max" for all devices (1 without devices)."""
     if value is None or value == "":

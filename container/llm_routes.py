@@ -37,9 +37,10 @@ def _openai_model(request: web.Request, body: bytes) -> Model:
     try:
         payload = json.loads(body)
     except ValueError as e:
-        raise E.BadRequest(f"request body is not valid JSON: {e}") from None
+        raise E.invalid_json(e) from None
     if not isinstance(payload, dict):
-        raise E.BadRequest(f"request body must be a JSON object, got {type(payload).__name__}")
+        raise E.ValidationError("body", f"the request body must be a JSON object, got "
+                                        f"{type(payload).__name__}")
     mgr = request.app["models"]
     name = payload.get("model")
     if isinstance(name, str) and name in mgr.models:

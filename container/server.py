@@ -19,7 +19,8 @@ from aiohttp import web
 
 from engines.contracts import errors as E
 from container import invoke, llm_routes, sagemaker_runtime
-from container.config import (ConfigError, ModelSpec, ServerConfig, load_model_config)
+from container.config import ModelSpec, load_model_config
+from engines.options import ConfigError, ServerOptions
 from container.groups import LayoutError
 from container.wlm import Model, ModelStatus
 
@@ -128,7 +129,8 @@ async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except E.LmcError as e:
-        return error_response(e.status, e.message, e.type, e.headers or None)
+        return web.Response(body=E.exception_body(e), status=e.status, content_type=_JSON,
+                            headers=e.headers or None)
     except web.HTTPException as e:
         if e.status < 400:
             raise
@@ -248,7 +250,7 @@ async def unregister_model(request: web.Request) -> web.Response:
     return json_response({"status": f'Model "{name}" unregistered'})
 
 
-def build_app(server_config: ServerConfig, manager: ModelManager | None = None) -> web.Application:
+def build_app(server_config: ServerOptions, manager: ModelManager | None = None) -> web.Application:
     app = web.Application(middlewares=[error_middleware],
                           client_max_size=server_config.max_request_size)
     app["server_config"] = server_config
@@ -302,7 +304,7 @@ async def _load_startup_models(app: web.Application, specs: list[ModelSpec] | No
         mgr.starting = False
 
 
-async def serve(specs: list[ModelSpec] | None, server_config: ServerConfig, *,
+async def serve(specs: list[ModelSpec] | None, server_config: ServerOptions, *,
                 drain_timeout_s: float = 25.0) -> int:
     """Run until SIGTERM/SIGINT. Returns the process exit code."""
     app = build_app(server_config)

@@ -35,10 +35,10 @@ class DefaultModelError(RuntimeError):
 
 
 def _cache_root(cache_dir: str | None) -> Path:
-    # LMC_CACHE is declared and read in container/config.py with the other variables.
-    from container.config import load_server_config
+    # LMC_CACHE is declared and read in engines/options.py with the other variables.
+    from engines.options import load_server_options
 
-    return Path(cache_dir or load_server_config().cache_dir).expanduser()
+    return Path(cache_dir or load_server_options().cache_dir).expanduser()
 
 
 def default_model_dir(cache_dir: str | None = None) -> Path:

@@ -7,6 +7,11 @@ subpackage, so choosing one never pays for the others, and this module imports n
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from engines.contracts.engine import Engine
+    from engines.selection import EngineChoice
 
 # name -> "module:attribute". Add an engine by adding a line here.
 _ENGINES: dict[str, str] = {
@@ -27,3 +32,8 @@ def get_engine_class(name: str) -> type:
         raise ValueError(f"unknown engine {name!r}; known engines: {', '.join(engine_names())}")
     module_name, _, attribute = target.partition(":")
     return getattr(importlib.import_module(module_name), attribute)
+
+
+def create_engine(choice: EngineChoice) -> Engine:
+    """Build the chosen engine from its typed options (engines/options.py)."""
+    return get_engine_class(choice.name)(choice.model_dir, **choice.kwargs)

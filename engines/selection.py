@@ -1,149 +1,178 @@
-"""Which engine serves a model, from the LMI options (option.rolling_batch and friends).
+"""Which engine serves a model, decided once at startup in the front end (torch-free: it reads
+the model's config.json, never its weights).
 
-LMI's `option.rolling_batch`: auto (default) and our own `native` (also under LMI's name
+LMI's `option.rolling_batch`: auto (default) and our own `native` (also under LMI's names
 `lmi-dist` and `scheduler`) pick the native continuous-batching engine when it supports the
 architecture, else the `hf` engine with a log line saying why; `disable` (or batch_size > 1,
 which means dynamic batching) picks `hf`. Engines that are not part of this build are a clear
 startup error rather than a silent substitute.
 
-`option.tensor_parallel_degree` (an int, or "max": the whole process group) goes to the native
-engine as tp_size; the `hf` engine has no tensor parallelism, so TP > 1 never falls back to it.
-
 `engine=DeepSpeed` (serving.properties) or `option.rolling_batch=deepspeed` picks the `deepspeed`
-engine (HF model, DeepSpeed AutoTP over the worker group, static batches: it serves both dynamic
-batching and batch_size 1 the way `hf` does).
+engine (HF model, DeepSpeed AutoTP over the worker group, static batches).
+
+The result, an `LLMPlan` (the handler's options and the engine choice with its typed options),
+travels to the worker in the Init frame as plain JSON; the worker builds the engine from it
+without parsing a string again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
+
+from engines.options import (ENGINE_OPTIONS, NOT_IN_THIS_BUILD, ConfigError, DeepSpeedOptions, HandlerOptions,
+                             HFOptions, NativeOptions, ServingOptions, Setting, parse_options,
+                             to_wire)
 
 log = logging.getLogger("lmc.engines")
 
-NATIVE_NAMES = {"auto", "native", "lmi-dist", "lmi_dist", "scheduler"}
-HF_NAMES = {"disable", "false", "hf"}
-NOT_IN_THIS_BUILD = {"vllm", "trtllm", "tensorrt-llm", "tensorrt_llm", "neuron", "neuronx", "tnx"}
+EngineOptions = NativeOptions | HFOptions | DeepSpeedOptions
+NATIVE_NAMES = frozenset({"auto", "native", "lmi-dist", "scheduler"})
 
 
 @dataclass(frozen=True)
 class EngineChoice:
-    name: str  # a name in engines.registry
-    kwargs: dict = field(default_factory=dict)
+    name: str  # a name in engines/registry.py
+    model_dir: str  # the checkpoint the engine loads
+    options: EngineOptions
     reason: str = ""
 
-
-def _int(options: Mapping[str, str], key: str, default: int) -> int:
-    raw = options.get(key)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ValueError(f"option.{key}={raw!r} is not an integer") from None
-    if value < 1:
-        raise ValueError(f"option.{key}={value} must be >= 1")
-    return value
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The engine constructor's keyword arguments."""
+        return self.options.engine_kwargs()
 
 
-def _float(options: Mapping[str, str], key: str) -> float | None:
-    raw = options.get(key)
-    if raw is None:
-        return None
-    try:
-        return float(raw)
-    except ValueError:
-        raise ValueError(f"option.{key}={raw!r} is not a number") from None
+@dataclass(frozen=True)
+class LLMPlan:
+    """What the default LLM handler needs from the startup configuration."""
+
+    handler: HandlerOptions
+    engine: EngineChoice
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"handler": to_wire(self.handler), "engine": {
+            "name": self.engine.name, "model_dir": self.engine.model_dir,
+            "reason": self.engine.reason, "options": to_wire(self.engine.options)}}
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> LLMPlan:
+        e = data["engine"]
+        options = ENGINE_OPTIONS[e["name"]](**e["options"])
+        return cls(HandlerOptions(**data["handler"]),
+                   EngineChoice(e["name"], e["model_dir"], options, e["reason"]))
 
 
-def _bool(options: Mapping[str, str], key: str) -> bool | None:
-    raw = options.get(key)
-    if raw is None:
-        return None
-    value = raw.strip().lower()
-    if value not in ("true", "false"):
-        raise ValueError(f"option.{key}={raw!r} is not true or false")
-    return value == "true"
+def resolve_model_dir(model_dir: str, handler: HandlerOptions) -> str | None:
+    """The checkpoint to load: option.model_id when it is a local dir, else the model dir when it
+    holds a config.json; None when there is nothing to load (the worker says so)."""
+    if handler.model_id and os.path.isdir(handler.model_id):
+        return handler.model_id
+    if os.path.isfile(os.path.join(model_dir, "config.json")):
+        return model_dir
+    if handler.model_id:
+        raise ConfigError(
+            f"option.model_id={handler.model_id} is not a local directory and {model_dir} has "
+            "no config.json; point option.model_id at a local model dir (hub downloads are off)")
+    return None
 
 
-def _tp_size(options: Mapping[str, str]) -> int:
-    if (options.get("tensor_parallel_degree") or "").strip().lower() == "max":
-        import torch.distributed as dist
-
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-    return _int(options, "tensor_parallel_degree", 1)
-
-
-def _hf(dtype: str, reason: str, tp_size: int) -> EngineChoice:
-    if tp_size > 1:
-        raise ValueError(f"tensor_parallel_degree={tp_size} needs the native engine, but {reason}; "
-                         f"use option.rolling_batch=auto or native with a model it supports, "
-                         f"engine=DeepSpeed, or tensor_parallel_degree=1")
-    return EngineChoice("hf", {"dtype": dtype}, reason)
-
-
-def _deepspeed(dtype: str, rolling: str, tp_size: int) -> EngineChoice:
-    if rolling not in {"auto", "deepspeed"} | HF_NAMES:
-        raise ValueError(f"engine=DeepSpeed cannot run option.rolling_batch={rolling}; use "
-                         f"option.rolling_batch=deepspeed (or leave it unset), or another engine")
-    return EngineChoice("deepspeed", {"dtype": dtype, "tp_size": tp_size},
-                        "engine=DeepSpeed" if rolling != "deepspeed"
-                        else "option.rolling_batch=deepspeed")
-
-
-def choose_engine(model_dir: str, options: Mapping[str, str], *, cuda: bool) -> EngineChoice:
-    """`options`: the init properties (option.* without prefix, batch_size, ...)."""
-    dtype = options.get("dtype") or "auto"
-    tp_size = _tp_size(options)
-    rolling = (options.get("rolling_batch") or "auto").strip().lower()
-    if (options.get("engine") or "").strip().lower() == "deepspeed" or rolling == "deepspeed":
-        return _deepspeed(dtype, rolling, tp_size)
+def select_engine(model_dir: str, handler: HandlerOptions, settings: Mapping[str, Setting], *,
+                  djl_engine: str, batch_size: int, tp: int, cuda: bool) -> EngineChoice:
+    """The engine for `model_dir` and its options parsed from `settings` (strictly: a bad value
+    is a ConfigError). `tp` is the resolved tensor-parallel degree."""
+    rolling = handler.rolling_batch
+    if djl_engine == "DeepSpeed" or rolling == "deepspeed":
+        if rolling not in ("auto", "deepspeed", "disable"):
+            raise ConfigError(f"engine=DeepSpeed cannot run option.rolling_batch={rolling}; use "
+                              f"option.rolling_batch=deepspeed (or leave it unset), or another "
+                              f"engine")
+        why = "engine=DeepSpeed" if rolling != "deepspeed" else "option.rolling_batch=deepspeed"
+        return _choice("deepspeed", model_dir, settings, why, tensor_parallel_degree=tp)
     if rolling in NOT_IN_THIS_BUILD:
-        raise ValueError(f"option.rolling_batch={rolling} needs an engine that is not part of "
-                         f"this build; use auto, native (alias lmi-dist) or disable")
-    if rolling not in NATIVE_NAMES | HF_NAMES:
-        raise ValueError(f"option.rolling_batch={rolling!r} is not one of auto, native, "
-                         f"lmi-dist, scheduler, disable")
-    if int(options.get("batch_size") or 1) > 1:
-        return _hf(dtype, "batch_size > 1 selects dynamic batching", tp_size)
-    if rolling in HF_NAMES:
-        return _hf(dtype, f"option.rolling_batch={rolling}", tp_size)
+        raise ConfigError(f"option.rolling_batch={rolling} needs an engine that is not part of "
+                          f"this build; use auto, native (alias lmi-dist) or disable")
+    if batch_size > 1:
+        return _hf(model_dir, settings, "batch_size > 1 selects dynamic batching", tp)
+    if rolling == "disable":
+        return _hf(model_dir, settings, "option.rolling_batch=disable", tp)
 
-    from engines.native.model import UnsupportedModel, read_spec
+    from engines.native.spec import UnsupportedModel, check_divisible, read_spec
 
     try:
         spec, _ = read_spec(model_dir)
     except UnsupportedModel as e:
         if rolling == "native":
-            raise ValueError(f"option.rolling_batch=native: {e}") from None
+            raise ConfigError(f"option.rolling_batch=native: {e}") from None
         log.info("the native engine cannot serve this model (%s); using the hf engine", e)
-        return _hf(dtype, str(e), tp_size)
-    if tp_size > 1:
-        from engines.native.parallel import check_divisible
+        return _hf(model_dir, settings, f"auto: {e}", tp)
+    if tp > 1:
+        try:
+            check_divisible(num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
+                            intermediate_size=spec.intermediate_size, tp_size=tp)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+    choice = _choice("native", model_dir, settings, f"option.rolling_batch={rolling}",
+                     tensor_parallel_degree=tp)
+    if choice.options.max_rolling_batch_size is None:
+        options = dataclasses.replace(choice.options, max_rolling_batch_size=256 if cuda else 32)
+        choice = dataclasses.replace(choice, options=options)
+    return choice
 
-        check_divisible(num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
-                        intermediate_size=spec.intermediate_size, tp_size=tp_size)
-    kwargs = {
-        "dtype": dtype,
-        "max_num_seqs": _int(options, "max_rolling_batch_size", 256 if cuda else 32),
-        "max_num_batched_tokens": _int(options, "max_rolling_batch_prefill_tokens", 4096),
-        "enable_prefix_caching": (options.get("enable_prefix_caching") or "true").lower()
-        != "false",
-    }
-    if tp_size > 1:
-        kwargs["tp_size"] = tp_size
-    kv_gb = _float(options, "cpu_kv_cache_gb")
-    if kv_gb is not None:
-        kwargs["kv_cache_gb"] = kv_gb
-    backend = options.get("attention_backend")
-    if backend:
-        from engines.native.runner import check_attention_backend
 
-        kwargs["attention_backend"] = check_attention_backend(backend)
-    if _bool(options, "enforce_eager"):
-        kwargs["cuda_graphs"] = False
-    util = _float(options, "gpu_memory_utilization")
-    if util is not None:
-        kwargs["gpu_memory_utilization"] = util
-    return EngineChoice("native", kwargs, f"option.rolling_batch={rolling}")
+def _choice(name: str, model_dir: str, settings: Mapping[str, Setting], reason: str,
+            **resolved: Any) -> EngineChoice:
+    return EngineChoice(name, model_dir, parse_options(ENGINE_OPTIONS[name], settings, **resolved),
+                        reason)
+
+
+def _hf(model_dir: str, settings: Mapping[str, Setting], reason: str, tp: int) -> EngineChoice:
+    if tp > 1:
+        raise ConfigError(f"tensor_parallel_degree={tp} needs the native engine, but {reason}; "
+                          f"use option.rolling_batch=auto or native with a model it supports, "
+                          f"engine=DeepSpeed, or tensor_parallel_degree=1")
+    return _choice("hf", model_dir, settings, reason)
+
+
+def _settings(properties: Mapping[str, str]) -> dict[str, Setting]:
+    """Init properties (option keys without their prefix, plus engine and batch_size) as
+    settings; other properties (model_dir, ...) are declared by no options class."""
+    return {(k if k in ("engine", "batch_size") else f"option.{k}"):
+            Setting(str(v), f"init property {k}") for k, v in properties.items()}
+
+
+def _select(model_dir: str, handler: HandlerOptions, settings: Mapping[str, Setting], *,
+            cuda: bool, tp: int | None) -> EngineChoice:
+    serving = parse_options(ServingOptions, settings)
+    degree = serving.tensor_parallel_degree
+    return select_engine(model_dir, handler, settings, djl_engine=serving.engine,
+                         batch_size=serving.batch_size,
+                         tp=degree if isinstance(degree, int) else (tp or 1), cuda=cuda)
+
+
+def choose_engine(model_dir: str, options: Mapping[str, str], *, cuda: bool,
+                  tp: int | None = None) -> EngineChoice:
+    """select_engine over plain strings, as in a handler's init properties. `tp`: the group
+    size, for TP "max"."""
+    settings = _settings(options)
+    return _select(model_dir, parse_options(HandlerOptions, settings), settings, cuda=cuda,
+                   tp=tp)
+
+
+def plan_from_properties(properties: Mapping[str, str], *, cuda: bool,
+                         tp: int | None = None) -> LLMPlan:
+    """The plan for a default handler the front end did not plan: a model.py whose
+    @input_formatter/@output_formatter run on it (the front end never imports a model.py).
+    Unknown option keys are the model.py's own, as in LMI."""
+    settings = _settings(properties)
+    handler = parse_options(HandlerOptions, settings)
+    given = properties.get("model_dir") or "."
+    model_dir = resolve_model_dir(given, handler)
+    if model_dir is None:
+        raise ConfigError(f"no model to load: {given} has no config.json and option.model_id "
+                          f"is not set")
+    return LLMPlan(handler, _select(model_dir, handler, settings, cuda=cuda, tp=tp))

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+from engines.contracts.errors import ValidationError
+
 
 class FinishReason(str, Enum):
     """Why a sequence stopped; the values are the LMI `details.finish_reason` strings."""
@@ -19,15 +21,6 @@ class FinishReason(str, Enum):
     LENGTH = "length"  # max_new_tokens reached, or the model's context is full
     EOS_TOKEN = "eos_token"
     STOP_SEQUENCE = "stop_sequence"
-
-
-class ValidationError(ValueError):
-    """A request value a user can fix; `field` names it so the 400 body can point at it."""
-
-    def __init__(self, field: str, message: str) -> None:
-        super().__init__(message)
-        self.field = field
-        self.message = message
 
 
 # Seeds go to torch.Generator.manual_seed, which takes an unsigned 64-bit value.

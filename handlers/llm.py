@@ -43,9 +43,12 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from engines.contracts.engine import Capabilities, Engine
+from engines.contracts.errors import error_body, invalid_json
 from engines.contracts.names import API_PROPERTY, ITEM_CODE_PROPERTY
-from engines.registry import get_engine_class
-from engines.selection import choose_engine
+from engines.options import OUTPUT_FORMATS, HandlerOptions
+from engines.registry import create_engine
+from engines.selection import LLMPlan, plan_from_properties
 from engines.types import GenerationResult, SamplingParams, TokenEvent, ValidationError
 from handlers import llm_formats as fmt
 from handlers.inputs import Input, batch_key
@@ -55,9 +58,7 @@ from handlers.outputs import Output
 logger = logging.getLogger(__name__)
 
 
-BUILTIN_OUTPUT_FORMATS = frozenset(
-    {"json", "jsonlines", "sse", "json_chat", "jsonlines_chat", "sse_chat", "none"})
-_TRUE = frozenset({"true", "1", "yes"})
+BUILTIN_OUTPUT_FORMATS = frozenset(OUTPUT_FORMATS)
 
 InputFormatter = Callable[..., Any]
 OutputFormatter = Callable[[Any], Any]
@@ -66,6 +67,9 @@ OutputFormatter = Callable[[Any], Any]
 class LLMHandler:
     """`handle(inputs)` for text generation, loaded by handlers.service as the default handler.
 
+    plan: the handler options and engine choice the front end parsed at startup; None for a
+        model.py with formatters (the front end does not import it), which this handler then
+        derives from the init properties with the same parser.
     input_formatter: LMI's custom input formatter, called as `fn(decoded_payload)` (plus
         `tokenizer=` when it accepts it) for each request; returns the request object.
     output_formatter: a custom output formatter (see the module docstring).
@@ -73,15 +77,17 @@ class LLMHandler:
 
     def __init__(
         self,
+        plan: LLMPlan | None = None,
         input_formatter: InputFormatter | None = None,
         output_formatter: OutputFormatter | None = None,
     ) -> None:
+        self.plan = plan
         self.input_formatter = input_formatter
         self.output_formatter = output_formatter
         self.output_format = "json"
         self.tgi_compat = False
         self.model_name = "model"
-        self.engine: Any = None
+        self.engine: Engine | None = None
 
     # ------------------------------------------------------------------------------------------
     # Entry point
@@ -91,8 +97,10 @@ class LLMHandler:
         if self.engine is None:
             # DJL's warm-up call carries the init properties (and no content): load the model.
             properties = inputs.get_properties()
-            self._configure(properties)
-            self.engine = self._load_engine(properties)
+            plan = self.plan or plan_from_properties(properties, cuda=_cuda_available(),
+                                                     tp=_group_size())
+            self._configure(plan.handler, properties.get("model_dir"))
+            self.engine = self._load_engine(plan)
         if inputs.is_empty():
             return None  # the warm-up itself, or a keep-alive; LMI answers both with nothing
 
@@ -138,42 +146,37 @@ class LLMHandler:
     # Loading
     # ------------------------------------------------------------------------------------------
 
-    def _configure(self, properties: dict[str, str]) -> None:
-        name = (properties.get("output_formatter") or "json").strip()
+    def _configure(self, options: HandlerOptions, model_dir: str | None) -> None:
+        name = options.output_formatter
         if name in BUILTIN_OUTPUT_FORMATS:
             self.output_format = name
         else:
             # A custom function named in serving.properties wins over a decorated one.
-            self.output_formatter = _load_function(name, properties.get("model_dir"))
-        self.tgi_compat = (properties.get("tgi_compat") or "").strip().lower() in _TRUE
-        model_id = properties.get("model_id") or properties.get("model_dir") or "model"
+            self.output_formatter = _load_function(name, model_dir)
+        self.tgi_compat = options.tgi_compat
+        model_id = options.model_id or model_dir or "model"
         self.model_name = os.path.basename(model_id.rstrip("/")) or model_id
 
-    def _load_engine(self, properties: dict[str, str]) -> Any:
-        model_dir = _resolve_model_dir(properties)
-        choice = choose_engine(model_dir, properties, cuda=_cuda_available())
-        logger.info("loading %s with the %s engine (%s; %s)", model_dir, choice.name,
+    def _load_engine(self, plan: LLMPlan) -> Engine:
+        choice = plan.engine
+        logger.info("loading %s with the %s engine (%s; %s)", choice.model_dir, choice.name,
                     choice.reason, ", ".join(f"{k}={v}" for k, v in choice.kwargs.items()))
-        return get_engine_class(choice.name)(model_dir, **choice.kwargs)
+        return create_engine(choice)
+
+    # The engine contract, as the worker asks for it (handlers/service.EngineHost).
 
     @property
-    def coordinates_ranks(self) -> bool:
-        """Whether the engine drives a tensor-parallel group's other ranks itself."""
-        return hasattr(self.engine, "follow")
+    def capabilities(self) -> Capabilities:
+        assert self.engine is not None, "asked before the warm-up loaded the engine"
+        return self.engine.capabilities
 
     def follow(self) -> None:
+        assert self.engine is not None
         self.engine.follow()
 
     def shutdown(self) -> None:
-        stop = getattr(self.engine, "shutdown", None)
-        if stop is not None:
-            stop()
-
-    @property
-    def max_concurrency(self) -> int:
-        """How many requests this handler can serve at once (the worker runs that many
-        handle() calls in parallel threads): >1 only for a continuous-batching engine."""
-        return int(getattr(self.engine, "max_concurrency", 1))
+        if self.engine is not None:
+            self.engine.shutdown()
 
     # ------------------------------------------------------------------------------------------
     # Requests
@@ -320,7 +323,7 @@ class LLMHandler:
 
     @staticmethod
     def _add(output: Output, body: Any, index: int | None, content_type: str) -> None:
-        if isinstance(body, str):
+        if isinstance(body, (str, bytes)):
             output.add(body, batch_index=index)
         else:
             output.add_as_json(body, batch_index=index)
@@ -359,24 +362,6 @@ def _load_function(name: str, model_dir: str | None) -> Callable[..., Any]:
     return function
 
 
-def _resolve_model_dir(properties: dict[str, str]) -> str:
-    """option.model_id when it is a local dir, else the model dir the server was given."""
-    model_id = properties.get("model_id")
-    if model_id and os.path.isdir(model_id):
-        return model_id
-    model_dir = properties.get("model_dir")
-    if model_dir and os.path.isfile(os.path.join(model_dir, "config.json")):
-        return model_dir
-    if model_id:
-        raise ValueError(
-            f"option.model_id={model_id} is not a local directory and {model_dir} has no "
-            "config.json; point option.model_id at a local model dir (hub downloads are off)"
-        )
-    raise ValueError(
-        f"no model to load: {model_dir} has no config.json and option.model_id is not set"
-    )
-
-
 def _decode_body(item: Input) -> Any:
     raw = item.get_as_bytes()
     if raw is None:
@@ -392,18 +377,21 @@ def _decode_body(item: Input) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise ValidationError(
-            "body",
-            f'the body is not valid JSON ({exc}); send {{"inputs": "text", "parameters": {{}}}} '
-            "or use Content-Type: text/plain",
-        ) from exc
+        raise invalid_json(exc) from exc
 
 
-def _error_body(error: ValidationError) -> dict[str, Any]:
-    return {"code": 400, "type": "ValidationError", "field": error.field, "message": error.message}
+def _error_body(error: ValidationError) -> bytes:
+    return error_body(error.status, error.message, error.type, field=error.field)
 
 
 def _cuda_available() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def _group_size() -> int:
+    """The worker group's size (what tensor_parallel_degree=max means here)."""
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1

@@ -65,11 +65,12 @@ class Tokenizing(Protocol):
 @dataclass(frozen=True, slots=True)
 class LLMRequest:
     """One validated request. `prompts[i]` is what the client sent (for return_full_text/echo);
-    `engine_prompts[i]` is what the engine gets: the text, or token ids after truncation."""
+    `engine_prompts[i]` is what the engine gets: its token ids (after truncation), tokenized here
+    once; engines take ids and never encode the prompt again."""
 
     api: Api
     prompts: list[str]
-    engine_prompts: list[str | list[int]]
+    engine_prompts: list[list[int]]
     prompt_tokens: list[int]
     params: SamplingParams
     stream: bool = False
@@ -449,7 +450,7 @@ def _finish(engine: Tokenizing, api: Api, prompts: list[str], params: SamplingPa
     limit = engine.max_context
     is_list = kwargs.get("is_list", False)
     prompt_field = "prompt" if api.is_openai else "inputs"
-    engine_prompts: list[str | list[int]] = []
+    engine_prompts: list[list[int]] = []
     counts: list[int] = []
     for i, prompt in enumerate(prompts):
         where = f"{prompt_field}[{i}]" if is_list else prompt_field
@@ -458,9 +459,7 @@ def _finish(engine: Tokenizing, api: Api, prompts: list[str], params: SamplingPa
         ids = engine.encode(prompt)
         if truncate is not None and len(ids) > truncate:
             ids = ids[-truncate:]
-            engine_prompts.append(ids)
-        else:
-            engine_prompts.append(prompt)
+        engine_prompts.append(ids)
         if len(ids) >= limit:
             raise ValidationError(
                 where,

@@ -24,9 +24,10 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from engines.contracts.errors import status_type
+from engines.contracts.engine import Capabilities, TPMode
+from engines.contracts.errors import ValidationError, error_body, handler_error
 from engines.contracts.names import ITEM_CODE_PROPERTY, LMI_BUILTIN_ENTRY_POINTS
 from handlers.formatters import INPUT_FORMATTER_TAG, OUTPUT_FORMATTER_TAG
 from handlers.inputs import Input, input_from_items, split_batch_key
@@ -35,6 +36,7 @@ from handlers.sagemaker import SAGEMAKER_FUNCTIONS, SageMakerHandler
 
 if TYPE_CHECKING:
     from engines.contracts.protocol import RequestItem
+    from engines.selection import LLMPlan
 
 logger = logging.getLogger(__name__)
 
@@ -65,76 +67,64 @@ class HandlerLoadError(Exception):
     """The handler could not be found, imported or warmed up. The message names the file."""
 
 
-# ---- exceptions -> HTTP status: the one table ------------------------------------------------
+def error_result(exc: BaseException) -> ItemResult:
+    """The result for a request whose handler raised `exc` (engines/contracts/errors.py's table)."""
+    status, type_, reason = handler_error(exc)
+    return failed_result(status, reason, str(exc) or type(exc).__name__, type_,
+                         field=getattr(exc, "field", None))
 
 
-def _is_out_of_memory(exc: BaseException) -> bool:
-    # By class name, so torch.cuda.OutOfMemoryError is recognised without importing torch.
-    return isinstance(exc, MemoryError) or any(
-        "OutOfMemory" in cls.__name__ for cls in type(exc).__mro__)
-
-
-_ERROR_STATUS: tuple[tuple[Callable[[BaseException], bool], int, str], ...] = (
-    (_is_out_of_memory, 507, "out of memory"),
-)
-_DEFAULT_ERROR_STATUS = (424, "prediction failure")
-
-
-def error_status(exc: BaseException) -> tuple[int, str]:
-    """(HTTP code, message) for an exception raised by a handler."""
-    for matches, code, message in _ERROR_STATUS:
-        if matches(exc):
-            return code, message
-    return _DEFAULT_ERROR_STATUS
-
-
-def error_result(code: int, message: str, error: str) -> ItemResult:
-    # LMC's error body ({"code","type","message"}, message = what went wrong) plus LMI's
-    # "error" field, so clients written for either read it.
-    body = to_json_bytes({"code": code, "type": status_type(code), "message": error,
-                          "error": error})
-    return ItemResult(code, message, {"content-type": "application/json"}, body)
+def failed_result(status: int, reason: str, message: str, type_: str | None = None, *,
+                  field: str | None = None) -> ItemResult:
+    return ItemResult(status, reason, {"content-type": "application/json"},
+                      error_body(status, message, type_, field=field, lmi=True))
 
 
 # ---- the service -----------------------------------------------------------------------------
 
 
+class EngineHost(Protocol):
+    """A handler object that owns an engine (the default LLM handler): the worker asks it, by
+    name, how many requests it serves at once and how a tensor-parallel group runs it."""
+
+    capabilities: Capabilities
+
+    def follow(self) -> None: ...
+
+    def shutdown(self) -> None: ...
+
+
+# A plain handle(inputs) function: one call at a time; in a TP group every rank runs it.
+_PLAIN_HANDLER = Capabilities(max_concurrency=1, tp_mode=TPMode.REPLICATE)
+
+
 class ModelService:
-    def __init__(self, handle: Handle, *, source: str) -> None:
+    def __init__(self, handle: Handle, *, source: str, host: EngineHost | None = None) -> None:
         self.handle = handle
         self.source = source  # where the handler came from, for logs and error messages
+        self.host = host
 
     @property
-    def coordinates_ranks(self) -> bool:
-        """True when the handler's engine drives the other ranks of a tensor-parallel group
-        itself (the native engine broadcasts every step); then ranks > 0 call `follow()`.
-        Otherwise every rank runs every request (DeepSpeed, custom model.py)."""
-        owner = getattr(self.handle, "__self__", None)
-        return bool(getattr(owner, "coordinates_ranks", False))
+    def capabilities(self) -> Capabilities:
+        return self.host.capabilities if self.host is not None else _PLAIN_HANDLER
 
     def follow(self) -> None:
-        """On a rank > 0: serve the engine's steps until rank 0 shuts it down."""
-        self.handle.__self__.follow()
+        """On a rank > 0 of a TPMode.ENGINE group: serve the engine's steps until rank 0 shuts
+        it down."""
+        assert self.host is not None, "only an engine that drives its ranks has follow()"
+        self.host.follow()
 
     def shutdown(self) -> None:
-        owner = getattr(self.handle, "__self__", None)
-        stop = getattr(owner, "shutdown", None)
-        if stop is not None:
-            stop()
-
-    @property
-    def max_concurrency(self) -> int:
-        """Requests the handler can serve at once. A handler object may say so with a
-        `max_concurrency` attribute (the LLM handler on a continuous-batching engine does);
-        plain model.py handlers get one call at a time, as in DJL."""
-        owner = getattr(self.handle, "__self__", None)
-        return max(1, int(getattr(owner, "max_concurrency", 1)))
+        if self.host is not None:
+            self.host.shutdown()
 
     @classmethod
-    def load(cls, model_dir: str, properties: dict[str, str]) -> ModelService:
-        """Find, import and warm up the handler. Raises HandlerLoadError."""
-        handle, source = _resolve_handler(model_dir, properties)
-        service = cls(handle, source=source)
+    def load(cls, model_dir: str, properties: dict[str, str],
+             llm: LLMPlan | None = None) -> ModelService:
+        """Find, import and warm up the handler. Raises HandlerLoadError. `llm`: the front end's
+        plan for the default LLM handler (None: it decides from `properties` if it runs)."""
+        handle, source, host = _resolve_handler(model_dir, properties, llm)
+        service = cls(handle, source=source, host=host)
         # DJL's contract: the first call carries no content, only the init properties, so a
         # handler can load its model there. Whatever it returns is ignored.
         try:
@@ -153,15 +143,15 @@ class ModelService:
         try:
             out = self.handle(input_from_items(items))
         except Exception as e:
-            code, message = error_status(e)
-            logger.exception("handler %s failed on a batch of %d", self.source, n)
-            return [error_result(code, message, str(e) or type(e).__name__) for _ in range(n)]
+            if not isinstance(e, ValidationError):
+                logger.exception("handler %s failed on a batch of %d", self.source, n)
+            return [error_result(e) for _ in range(n)]
         if out is None:
             return [ItemResult(204, "No Content", {}, b"") for _ in range(n)]
         if not isinstance(out, Output):
             error = (f"Invalid output type: handle() returned {type(out).__name__}; "
                      "return an Output or None")
-            return [error_result(424, "Invalid output type", error) for _ in range(n)]
+            return [failed_result(424, "Invalid output type", error) for _ in range(n)]
         return _split_output(out, n)
 
 
@@ -176,7 +166,7 @@ def _split_output(out: Output, n: int) -> list[ItemResult]:
         if n != 1:
             error = (f"handler streamed one response for a batch of {n}; streaming needs "
                      "batch size 1 (set batch_size=1, or return per-item content)")
-            return [error_result(424, "Invalid output", error) for _ in range(n)]
+            return [failed_result(424, "Invalid output", error) for _ in range(n)]
         # Content added next to a stream is sent before it rather than dropped.
         head = [bytes(v) for _, v in out.content]
         chunks = itertools.chain(head, stream) if head else stream
@@ -184,11 +174,11 @@ def _split_output(out: Output, n: int) -> list[ItemResult]:
 
     bodies = _split_content(out, n)
     if isinstance(bodies, str):
-        return [error_result(424, "Invalid output", bodies) for _ in range(n)]
+        return [failed_result(424, "Invalid output", bodies) for _ in range(n)]
     results = []
     for i, body in enumerate(bodies):
         if body is None:
-            results.append(error_result(
+            results.append(failed_result(
                 424, "Invalid output", f"handler returned no output for batch item {i}"))
             continue
         # LMC extension: property "batch_%03d_code" gives one item of a batch its own status
@@ -242,11 +232,16 @@ def _split_content(out: Output, n: int) -> list[bytes | None] | str:
 # ---- finding and importing the handler -------------------------------------------------------
 
 
-def _resolve_handler(model_dir: str, properties: dict[str, str]) -> tuple[Handle, str]:
+# (handle, where it came from, the engine-owning handler object when it is the default one)
+Resolved = tuple[Handle, str, "EngineHost | None"]
+
+
+def _resolve_handler(model_dir: str, properties: dict[str, str],
+                     llm: LLMPlan | None) -> Resolved:
     entry = properties.get("entryPoint")
     if entry:
         if entry in LMI_BUILTIN_ENTRY_POINTS:
-            return _default_handler(f"option.entryPoint={entry}")
+            return _default_handler(f"option.entryPoint={entry}", llm)
         path = entry if os.path.isabs(entry) else os.path.join(model_dir, entry)
         if os.path.isfile(path):
             return _handler_from_module(_import_file(path), model_dir, path)
@@ -260,7 +255,7 @@ def _resolve_handler(model_dir: str, properties: dict[str, str]) -> tuple[Handle
     if os.path.isfile(path):
         return _handler_from_module(_import_file(path), model_dir, path)
     if os.path.isfile(os.path.join(model_dir, "config.json")):
-        return _default_handler(f"default LLM handler for {model_dir}")
+        return _default_handler(f"default LLM handler for {model_dir}", llm)
     raise HandlerLoadError(
         f"no model.py, no option.entryPoint and no config.json in {model_dir}: nothing to "
         "serve. Hint: add a model.py with handle(inputs), set option.entryPoint, or point "
@@ -306,17 +301,19 @@ def _import_module(name: str, model_dir: str) -> ModuleType:
             f"use a file in {model_dir} (e.g. model.py) or an importable module name") from e
 
 
-def _handler_from_module(module: ModuleType, model_dir: str, source: str) -> tuple[Handle, str]:
+def _handler_from_module(module: ModuleType, model_dir: str, source: str) -> Resolved:
     handle = getattr(module, "handle", None)
     if callable(handle):
-        return handle, source
+        return handle, source, None
     if any(callable(getattr(module, f, None)) for f in SAGEMAKER_FUNCTIONS):
-        return SageMakerHandler(module, model_dir).handle, source
+        return SageMakerHandler(module, model_dir).handle, source, None
     in_fmt = _tagged(module, INPUT_FORMATTER_TAG)
     out_fmt = _tagged(module, OUTPUT_FORMATTER_TAG)
     if in_fmt is not None or out_fmt is not None:
-        handle, _ = _default_handler(source, input_formatter=in_fmt, output_formatter=out_fmt)
-        return handle, f"{source} (formatters on the default LLM handler)"
+        # The front end does not import a model.py, so this handler chooses its engine itself.
+        handle, _, host = _default_handler(source, None, input_formatter=in_fmt,
+                                           output_formatter=out_fmt)
+        return handle, f"{source} (formatters on the default LLM handler)", host
     raise HandlerLoadError(
         f"{source}: defines no handle(inputs), no SageMaker model_fn/predict_fn and no "
         "@input_formatter/@output_formatter function. Hint: add `def handle(inputs)`")
@@ -331,12 +328,13 @@ def _tagged(module: ModuleType, tag: str) -> Callable | None:
     return found[0] if found else None
 
 
-def _default_handler(source: str, **formatters: Callable | None) -> tuple[Handle, str]:
+def _default_handler(source: str, llm: LLMPlan | None,
+                     **formatters: Callable | None) -> Resolved:
     try:
         cls = getattr(importlib.import_module(DEFAULT_HANDLER_MODULE), DEFAULT_HANDLER_CLASS)
-        handler = cls(**formatters)
+        handler = cls(plan=llm, **formatters)
     except Exception as e:
         raise HandlerLoadError(
             f"{source}: cannot start the default LLM handler ({DEFAULT_HANDLER_MODULE}): "
             f"{type(e).__name__}: {e}") from e
-    return handler.handle, source
+    return handler.handle, source, handler

@@ -19,6 +19,7 @@ import sys
 import threading
 
 from engines.contracts import protocol as P
+from engines.contracts.engine import TPMode
 from handlers.ranks import RankGroup, exit_without_teardown, rank_and_world
 
 log = logging.getLogger("lmc.worker")
@@ -69,12 +70,13 @@ class WorkerLoop:
         threading.Thread(target=self._reader, name="lmc-reader", daemon=True).start()
         self.lockstep = replicate_to is not None
         pool = None
-        if service.max_concurrency > 1 and replicate_to is None:
+        concurrency = service.capabilities.max_concurrency
+        if concurrency > 1 and replicate_to is None:
             # A continuous-batching handler: every request gets its own thread, which blocks
             # on its tokens while the engine batches all of them on the engine thread.
             from concurrent.futures import ThreadPoolExecutor
 
-            pool = ThreadPoolExecutor(service.max_concurrency, thread_name_prefix="lmc-req")
+            pool = ThreadPoolExecutor(concurrency, thread_name_prefix="lmc-req")
         try:
             while True:
                 msg = self.inbox.get()
@@ -170,20 +172,24 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         loop = WorkerLoop(sock)
         if group is not None:  # every rank gets the init call
-            group.broadcast((init.model_name, init.model_dir, init.properties))
+            group.broadcast((init.model_name, init.model_dir, init.properties, init.llm))
     else:
         init = P.Init(*group.broadcast())
     try:
+        from engines.selection import LLMPlan
         from handlers.service import ModelService
 
-        service = ModelService.load(init.model_dir, init.properties)
+        plan = LLMPlan.from_wire(init.llm) if init.llm is not None else None
+        service = ModelService.load(init.model_dir, init.properties, plan)
     except Exception as e:  # any load failure goes to the front end with its message
         log.exception("loading model %s failed", init.model_name)
         if loop is not None:
             loop.send(P.InitFailed(f"{type(e).__name__}: {e}"))
         return 1  # on a group, mpirun then takes the other ranks down
 
-    info = {"model": init.model_name, "max_concurrency": str(service.max_concurrency)}
+    capabilities = service.capabilities
+    engine_driven = capabilities.tp_mode is TPMode.ENGINE
+    info = {"model": init.model_name, "max_concurrency": str(capabilities.max_concurrency)}
     if group is not None:
         info["ranks"] = ",".join(str(p) for p in group.all_gather(os.getpid()))
         info["tp"] = str(world)
@@ -191,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         loop.send(P.Ready(os.getpid(), info))
         if group is None:
             loop.run(service)
-        elif service.coordinates_ranks:
+        elif engine_driven:
             # The engine drives the other ranks itself, step by step.
             try:
                 loop.run(service)
@@ -199,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
                 service.shutdown()
         else:
             loop.run(service, replicate_to=group)
-    elif service.coordinates_ranks:
+    elif engine_driven:
         service.follow()
     else:
         _replica(service, group)

@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from container.config import (ConfigError, environment_settings, load_model_config,
-                              load_server_config, parse_load_models, parse_properties,
-                              resolve_models)
+from container.config import load_model_config, parse_load_models, parse_properties, resolve_models
+from engines.options import ConfigError, environment_settings
+from engines.options import load_server_options as load_server_config
 
 
 def write(d: Path, text: str) -> Path:

@@ -12,7 +12,8 @@ import pytest
 from engines.contracts.protocol import RequestItem
 from handlers import ItemResult, ModelService
 from handlers import service as service_mod
-from handlers.service import HandlerLoadError, error_status
+from engines.contracts.errors import ValidationError, handler_error
+from handlers.service import HandlerLoadError
 
 FIXTURES = Path(__file__).parent / "fixtures" / "handlers"
 REPO = Path(__file__).resolve().parent.parent
@@ -189,17 +190,19 @@ def test_cuda_oom_by_name_is_507(modes):
     assert r.code == 507 and "CUDA out of memory" in error_body(r)["error"]
 
 
-def test_error_status_table():
+def test_handler_error_table():
     class OutOfMemoryError(RuntimeError):
         pass
 
     class SubOom(OutOfMemoryError):
         pass
 
-    assert error_status(MemoryError())[0] == 507
-    assert error_status(SubOom())[0] == 507
-    assert error_status(ValueError())[0] == 424
-    assert error_status(RuntimeError("CUDA error"))[0] == 424
+    assert handler_error(MemoryError())[:2] == (507, "OutOfMemory")
+    assert handler_error(SubOom())[0] == 507
+    assert handler_error(ValueError())[:2] == (424, "ModelError")
+    assert handler_error(RuntimeError("CUDA error"))[0] == 424
+    # A value the client can fix, raised from inside a handler or engine, stays a 400.
+    assert handler_error(ValidationError("inputs", "too long"))[:2] == (400, "ValidationError")
 
 
 def test_output_code_and_error_pass_through(modes):
@@ -252,7 +255,8 @@ FAKE_LLM = textwrap.dedent("""
     from handlers import Output
 
     class LLMHandler:
-        def __init__(self, input_formatter=None, output_formatter=None):
+        def __init__(self, plan=None, input_formatter=None, output_formatter=None):
+            self.plan = plan
             self.input_formatter = input_formatter
             self.output_formatter = output_formatter
             self.warmed = None

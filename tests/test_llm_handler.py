@@ -448,3 +448,38 @@ def warm_with(model_dir, model_dir_override=None, **options) -> LLMHandler:
              "dtype": "fp32", **options}
     assert handler.handle(Input(props)) is None
     return handler
+
+
+class _CountingTokenizer:
+    """Forwards to a tokenizer, counting encode calls (`tokenizer(text)`)."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.encodes = 0
+
+    def __call__(self, *args, **kwargs):
+        self.encodes += 1
+        return self.inner(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_prompt_is_tokenized_once_per_request(handler, stream):
+    """The parsed request carries token ids to the engine; nobody encodes the prompt again
+    (before: the length check, the engine loop and the token count each did)."""
+    engine = getattr(handler.engine, "engine", handler.engine)  # the native loop wraps it
+    counting = _CountingTokenizer(engine.tokenizer)
+    engine.tokenizer = counting
+    try:
+        out = handler.handle(request({"inputs": "count my tokens", "stream": stream,
+                                      "parameters": {"max_new_tokens": 4, "details": True}}))
+        if stream:
+            lines = [json.loads(x) for x in b"".join(out.iter_stream()).splitlines()]
+            assert lines[-1]["details"]["generated_tokens"] == len(lines)
+        else:
+            assert body_of(out)["details"]["generated_tokens"] >= 1
+    finally:
+        engine.tokenizer = counting.inner
+    assert counting.encodes == 1

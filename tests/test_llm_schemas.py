@@ -42,7 +42,7 @@ def error_of(body, api=Api.LMI) -> ValidationError:
 def test_lmi_defaults_and_handler_parameters():
     r = parse({"inputs": "hello", "parameters": {"max_new_tokens": 5, "details": True,
                                                  "return_full_text": True}})
-    assert r.prompts == ["hello"] and r.engine_prompts == ["hello"] and r.prompt_tokens == [5]
+    assert r.prompts == ["hello"] and r.engine_prompts == [[ord(c) for c in "hello"]] and r.prompt_tokens == [5]
     assert r.params.max_new_tokens == 5 and r.details and r.return_full_text
     assert not r.stream and not r.is_list and r.n == 1 and r.best_of == 1
 

@@ -1,12 +1,21 @@
-"""The one table from exception types to HTTP status codes, and the JSON error body.
+"""The one table from exceptions to HTTP status codes and error types, and the one JSON error
+body, shared by the front end and the worker.
 
-Every error the front end returns goes through `error_body`, so clients always see
-`{"code": N, "type": "...", "message": "..."}`.
+Every error body goes through `error_body`, so clients always see
+`{"code": N, "type": "...", "message": "..."}`, plus "field" when a request field is at fault,
+and "error" (the message again) on a handler's failure, where LMI's clients read it. The same mistake has the same `type` on every route: an invalid JSON body is a
+`ValidationError` whether the front end or the handler finds it.
+
+    LmcError subclasses   status and type of errors we raise (front end or worker)
+    ValidationError       400, a request value the client can fix (raised by parsers/engines)
+    handler_error()       any exception out of a handler: LmcError as is, out of memory 507,
+                          anything else 424 ModelError (SageMaker shows it as ModelError)
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 
 
 class LmcError(Exception):
@@ -23,6 +32,23 @@ class LmcError(Exception):
 
 class BadRequest(LmcError):
     status, type = 400, "BadRequest"
+
+
+class ValidationError(LmcError, ValueError):
+    """A request value a user can fix; `field` names it so the 400 body can point at it."""
+
+    status, type = 400, "ValidationError"
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def invalid_json(exc: ValueError) -> ValidationError:
+    """The error for a body that does not parse as JSON, on every route."""
+    return ValidationError(
+        "body", f'the body is not valid JSON ({exc}); send {{"inputs": "text", "parameters": '
+                f'{{}}}} (or, on /v1/*, an OpenAI request), or use Content-Type: text/plain')
 
 
 class UnsupportedMediaType(LmcError):
@@ -101,8 +127,41 @@ def status_type(status: int) -> str:
     return STATUS_TYPES.get(status, "ClientError" if 400 <= status < 500 else "ServerError")
 
 
-def error_body(status: int, message: str, type_: str | None = None) -> bytes:
-    return json.dumps(
-        {"code": status, "type": type_ or status_type(status), "message": message},
-        ensure_ascii=False,
-    ).encode()
+def error_body(status: int, message: str, type_: str | None = None, *,
+               field: str | None = None, lmi: bool = False) -> bytes:
+    """`lmi`: also under "error", as LMI's handler failures carry it."""
+    body = {"code": status, "type": type_ or status_type(status), "message": message}
+    if field is not None:
+        body["field"] = field
+    if lmi:
+        body["error"] = message
+    return json.dumps(body, ensure_ascii=False).encode()
+
+
+def exception_body(exc: LmcError) -> bytes:
+    return error_body(exc.status, exc.message, exc.type, field=getattr(exc, "field", None))
+
+
+# ---- exceptions out of a handler or engine ---------------------------------------------------
+
+
+def _is_out_of_memory(exc: BaseException) -> bool:
+    # By class name, so torch.cuda.OutOfMemoryError is recognised without importing torch.
+    return isinstance(exc, MemoryError) or any(
+        "OutOfMemory" in cls.__name__ for cls in type(exc).__mro__)
+
+
+# (matches, status, type, HTTP reason), first match wins; the message is the exception's own.
+_HANDLER_ERRORS: tuple[tuple[Callable[[BaseException], bool], int, str, str], ...] = (
+    (lambda e: isinstance(e, ValidationError), 400, ValidationError.type, "Bad Request"),
+    (_is_out_of_memory, 507, OutOfMemory.type, "out of memory"),
+)
+_DEFAULT_HANDLER_ERROR = (424, ModelFailure.type, "prediction failure")
+
+
+def handler_error(exc: BaseException) -> tuple[int, str, str]:
+    """(status, type, HTTP reason) for an exception raised by a handler or its engine."""
+    for matches, status, type_, reason in _HANDLER_ERRORS:
+        if matches(exc):
+            return status, type_, reason
+    return _DEFAULT_HANDLER_ERROR

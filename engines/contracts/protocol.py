@@ -45,11 +45,15 @@ class ProtocolError(Exception):
 @dataclass(frozen=True, slots=True)
 class Init:
     """First message to a worker: what to load. `properties` are the handler's init properties
-    (model_dir, every option.* key without its prefix, batch_size, ...)."""
+    (model_dir, every option.* key without its prefix, batch_size, ...), as strings because that
+    is what a custom model.py gets in LMI. `llm`, when the default LLM handler serves the model,
+    is the plan the front end parsed and chose at startup (engines.selection.LLMPlan.to_wire():
+    typed JSON values), so the worker parses no option again."""
 
     model_name: str
     model_dir: str
     properties: dict[str, str]
+    llm: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +172,7 @@ def encode(msg: Message) -> bytes:
         return _frame({"t": "abort", "ids": msg.ids}, [])
     if t is Init:
         return _frame({"t": "init", "name": msg.model_name, "dir": msg.model_dir,
-                       "p": msg.properties}, [])
+                       "p": msg.properties, "llm": msg.llm}, [])
     if t is Ready:
         return _frame({"t": "ready", "pid": msg.pid, "info": msg.info}, [])
     if t is InitFailed:
@@ -213,7 +217,7 @@ def decode_payload(payload: bytes | memoryview) -> Message:
         if kind == "abort":
             return Abort(h["ids"])
         if kind == "init":
-            return Init(h["name"], h["dir"], h["p"])
+            return Init(h["name"], h["dir"], h["p"], h.get("llm"))
         if kind == "ready":
             return Ready(h["pid"], h["info"])
         if kind == "init_failed":

@@ -28,21 +28,6 @@ CONTROL_TIMEOUT = datetime.timedelta(hours=1)
 KEEPALIVE_S = 300.0
 
 
-def check_divisible(*, num_heads: int, num_kv_heads: int, intermediate_size: int,
-                    tp_size: int) -> None:
-    """ValueError unless every sharded dimension splits evenly over `tp_size` ranks."""
-    dims = (("num_key_value_heads", num_kv_heads), ("num_attention_heads", num_heads),
-            ("intermediate_size", intermediate_size))
-    for name, value in dims:
-        if value % tp_size:
-            fits = [d for d in range(1, 9) if all(v % d == 0 for _, v in dims)]
-            raise ValueError(
-                f"{name}={value} is not divisible by tensor_parallel_degree={tp_size}: the "
-                f"native engine splits attention heads (and the MLP) evenly across ranks, so "
-                f"num_key_value_heads, num_attention_heads and intermediate_size must all be "
-                f"multiples of the degree; set option.tensor_parallel_degree to one of {fits}")
-
-
 class TensorParallel:
     """This rank's place in the TP group, and the collectives the engine uses."""
 
