@@ -158,3 +158,25 @@ def test_hf_text_generation_stream(hf):
     assert events[-1].generated_text == text
     assert events[-1].details.generated_tokens == len(events)
     assert all(e.token.text is not None for e in events)
+
+
+# -- the same mistake, the same error on every route -----------------------------------------------
+
+
+@pytest.mark.parametrize("path", ["/invocations", "/v1/completions", "/v1/chat/completions",
+                                  "/generate", "/endpoints/tiny-llama/invocations"])
+def test_invalid_json_is_the_same_validation_error_on_every_route(llm, path):
+    import urllib.error
+    import urllib.request
+
+    req = urllib.request.Request(llm.url + path, data=b'{"inputs": "x",', method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as ei:
+        urllib.request.urlopen(req, timeout=30)
+    body = json.loads(ei.value.read())
+    if path.startswith("/endpoints/"):  # SageMaker's runtime API wraps the container's answer
+        assert ei.value.code == 424 and body["OriginalStatusCode"] == 400
+        body = json.loads(body["OriginalMessage"])
+    assert ei.value.code == 400 or path.startswith("/endpoints/")
+    assert (body["code"], body["type"], body["field"]) == (400, "ValidationError", "body")
+    assert body["message"].startswith("the body is not valid JSON")
