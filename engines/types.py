@@ -59,7 +59,7 @@ class SamplingParams:
     decoder_input_details: bool = False  # also return the prompt tokens' log-probs (prefill)
 
     def __post_init__(self) -> None:
-        _check_int("max_new_tokens", self.max_new_tokens, minimum=1)
+        check_int("max_new_tokens", self.max_new_tokens, minimum=1)
         if not isinstance(self.do_sample, bool):
             raise ValidationError(
                 "do_sample", f"do_sample must be true or false, got {self.do_sample!r}"
@@ -69,14 +69,14 @@ class SamplingParams:
             raise ValidationError(
                 "temperature", f"temperature must be >= 0 (0 means greedy), got {self.temperature}"
             )
-        _check_int("top_k", self.top_k, minimum=0, hint=" (0 disables top-k)")
+        check_int("top_k", self.top_k, minimum=0, hint=" (0 disables top-k)")
         _check_number("top_p", self.top_p)
         if not 0 < self.top_p <= 1:
             raise ValidationError(
                 "top_p", f"top_p must be in (0, 1] (1 disables top-p), got {self.top_p}"
             )
         if self.seed is not None:
-            _check_int("seed", self.seed, minimum=0)
+            check_int("seed", self.seed, minimum=0)
             if self.seed > _MAX_SEED:
                 raise ValidationError("seed", f"seed must be <= {_MAX_SEED}, got {self.seed}")
         if not isinstance(self.stop_sequences, tuple) or not all(
@@ -85,7 +85,7 @@ class SamplingParams:
             raise ValidationError(
                 "stop_sequences", "stop_sequences must be a list of non-empty strings"
             )
-        _check_int("min_new_tokens", self.min_new_tokens, minimum=0)
+        check_int("min_new_tokens", self.min_new_tokens, minimum=0)
         if self.min_new_tokens > self.max_new_tokens:
             raise ValidationError(
                 "min_new_tokens",
@@ -116,7 +116,7 @@ class SamplingParams:
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise ValidationError(name, f"{name} must be true or false, got {value!r}")
-        _check_int("top_n_tokens", self.top_n_tokens, minimum=0, hint=" (0 disables it)")
+        check_int("top_n_tokens", self.top_n_tokens, minimum=0, hint=" (0 disables it)")
         if self.top_n_tokens > MAX_TOP_N_TOKENS:
             raise ValidationError(
                 "top_n_tokens",
@@ -218,7 +218,7 @@ class GenerationResult:
         return len(self.token_ids)
 
 
-def _check_int(name: str, value: object, *, minimum: int, hint: str = "") -> None:
+def check_int(name: str, value: object, *, minimum: int, hint: str = "") -> None:
     # bool is an int subclass; `"max_new_tokens": true` is a client bug, not the number 1.
     if not isinstance(value, int) or isinstance(value, bool):
         raise ValidationError(name, f"{name} must be an integer, got {value!r}")

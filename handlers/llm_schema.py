@@ -23,7 +23,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from engines.contracts.names import API_PROPERTY
-from engines.types import ACCEPTED_PARAMETERS, SamplingParams, ValidationError
+from engines.types import ACCEPTED_PARAMETERS, SamplingParams, ValidationError, check_int
 
 
 class Api(str, Enum):
@@ -446,7 +446,7 @@ def _finish(engine: Tokenizing, api: Api, prompts: list[str], params: SamplingPa
             truncate: Any, fill_context: bool = False, **kwargs: Any) -> LLMRequest:
     """Tokenize, truncate and check every prompt against the context."""
     if truncate is not None:
-        _check_int_value("truncate", truncate, minimum=1)
+        check_int("truncate", truncate, minimum=1)
     limit = engine.max_context
     is_list = kwargs.get("is_list", False)
     prompt_field = "prompt" if api.is_openai else "inputs"
@@ -494,19 +494,12 @@ def _int(values: dict[str, Any], name: str, default: int, *, minimum: int) -> in
     value = values.get(name)
     if value is None:
         return default
-    _check_int_value(name, value, minimum=minimum)
+    check_int(name, value, minimum=minimum)
     return value
 
 
-def _check_int_value(name: str, value: Any, *, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValidationError(name, f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValidationError(name, f"{name} must be >= {minimum}, got {value}")
-
-
 def _check_range(name: str, value: Any, low: int, high: int) -> None:
-    _check_int_value(name, value, minimum=low)
+    check_int(name, value, minimum=low)
     if value > high:
         raise ValidationError(name, f"{name} must be <= {high}, got {value}")
 
