@@ -20,6 +20,7 @@ import threading
 
 from engines.contracts import protocol as P
 from engines.contracts.engine import TPMode
+from engines.options import load_server_options
 from handlers.ranks import RankGroup, exit_without_teardown, rank_and_world
 
 log = logging.getLogger("lmc.worker")
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rank, world = rank_and_world()
     name = args.name if world == 1 else f"{args.name} rank {rank}/{world}"
-    logging.basicConfig(level=os.environ.get("LMC_LOG_LEVEL", "INFO").upper(),
+    logging.basicConfig(level=load_server_options().log_level,
                         format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
     _die_with_parent()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
