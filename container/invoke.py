@@ -17,7 +17,8 @@ from aiohttp import web
 
 from engines.contracts import errors as E
 from engines.contracts import protocol as P
-from container.wlm import Job, Model, StreamEnd, new_request_item, stream_chunks
+from container.jobs import Job, StreamEnd, new_request_item, stream_chunks
+from container.wlm import Model
 
 JSON_TYPE = "application/json"
 

@@ -21,7 +21,8 @@ from aiohttp import web
 
 from engines.contracts import errors as E
 from container import invoke
-from container.wlm import Model, StreamEnd
+from container.jobs import StreamEnd
+from container.wlm import Model
 
 # The platform names the variant; a local server has exactly one.
 VARIANT = "AllTraffic"

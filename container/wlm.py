@@ -1,9 +1,14 @@
 """Workload manager: per model a bounded job queue, a dynamic batcher and a pool of workers.
 
-Each worker is a separate process (later: an MPI group whose rank 0 connects) that talks to us
-over its own Unix socket with the frames of engines/contracts/protocol.py. A worker's dispatch loop takes
-a batch from the model's queue, sends it as one Request, and waits until every job of the batch
-is finished (its Response, and for a stream its End) before taking the next batch.
+What lives where: container/jobs.py is the job plumbing between routes and workers (Job,
+StreamEnd, stream_chunks); container/worker_process.py is one worker process (or MPI group rank
+0) and the Unix socket to it, in the frames of engines/contracts/protocol.py; this module is
+the pool policy and dispatch.
+
+Dispatch: one loop per worker takes work from the model's queue and keeps at most the worker's
+max_concurrency dispatches in flight. A plain handler (max_concurrency 1) gets one dynamic batch
+at a time, sent as one Request, and finishes every job of it (its Response, and for a stream
+its End) before the next; a continuous-batching engine gets each job alone as it arrives.
 
 Lifecycle: minWorkers permanent workers start with the model; temporary ones are added up to
 maxWorkers when the queue is deeper than 2 x batch_size and retire after max_idle_time idle. A
@@ -15,24 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import itertools
 import logging
 import os
-import shutil
-import signal
-import socket
-import sys
-import tempfile
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from engines.contracts import protocol as P
 from container.batcher import collect_batch
 from container.config import ModelConfig
-from container.groups import GroupSpec, LayoutError, count_gpus, parse_tp, plan_groups
+from container.groups import GroupSpec, count_gpus, parse_tp, plan_groups
+from container.jobs import Job
+from container.worker_process import Worker, WorkerState
 from engines.contracts.errors import (LmcError, ModelNotReady, PredictTimeout, QueueFull,
-                              ServiceUnavailable, WorkerDied)
+                              ServiceUnavailable)
 
 log = logging.getLogger("lmc.wlm")
 
@@ -42,334 +41,6 @@ class ModelStatus(enum.Enum):
     READY = "Healthy"
     FAILED = "Failed"
     STOPPED = "Stopped"
-
-
-class WorkerState(enum.Enum):
-    STARTING = "STARTING"
-    READY = "READY"
-    BUSY = "BUSY"
-    STOPPED = "STOPPED"
-
-
-_job_ids = itertools.count(1)
-
-
-class Job:
-    """One client request on its way through the queue to a worker and back."""
-
-    __slots__ = ("id", "item", "response", "chunks", "done", "enqueued_at")
-
-    def __init__(self, item: P.RequestItem) -> None:
-        loop = asyncio.get_running_loop()
-        self.id = item.id
-        self.item = item
-        self.response: asyncio.Future[P.Response] = loop.create_future()
-        self.chunks: asyncio.Queue | None = None  # set when the response is a stream
-        self.done: asyncio.Future[None] = loop.create_future()
-        self.enqueued_at = time.monotonic()
-
-    def on_response(self, msg: P.Response) -> None:
-        if msg.stream:
-            self.chunks = asyncio.Queue()
-        if not self.response.done():
-            self.response.set_result(msg)
-        if not msg.stream and not self.done.done():
-            self.done.set_result(None)
-
-    def on_chunk(self, data: bytes) -> None:
-        if self.chunks is not None:
-            self.chunks.put_nowait(data)
-
-    def on_end(self, error: str | None) -> None:
-        if self.chunks is not None:
-            self.chunks.put_nowait(StreamEnd(error))
-        if not self.done.done():
-            self.done.set_result(None)
-
-    def fail(self, exc: LmcError) -> None:
-        """End the job with an error, whether or not its response has started."""
-        if not self.response.done():
-            self.response.set_exception(exc)
-        elif self.chunks is not None and not self.done.done():
-            self.chunks.put_nowait(StreamEnd(exc.message))
-        if not self.done.done():
-            self.done.set_result(None)
-
-
-@dataclass(frozen=True, slots=True)
-class StreamEnd:
-    error: str | None
-
-
-def new_request_item(properties: dict[str, str], content: list[tuple[str, bytes]]) -> P.RequestItem:
-    return P.RequestItem(next(_job_ids), properties, content)
-
-
-# ---------------------------------------------------------------------------------------------
-# Worker process
-# ---------------------------------------------------------------------------------------------
-
-_worker_ids = itertools.count(1)
-
-
-@dataclass
-class WorkerInfo:
-    id: int
-    pid: int | None
-    state: str
-    permanent: bool
-    started_at: float
-    requests: int
-    tp: int = 1
-    ranks: list[dict] = field(default_factory=list)  # [{"rank", "pid"}] of a TP group
-    devices: str | None = None  # its CUDA_VISIBLE_DEVICES slice
-
-
-class Worker:
-    """One worker process (rank 0 of a group) and the connection to it."""
-
-    def __init__(self, model: Model, *, permanent: bool, group: GroupSpec) -> None:
-        self.model = model
-        self.group = group
-        self.rank_pids: list[int] = []
-        self.id = next(_worker_ids)
-        self.permanent = permanent
-        self.state = WorkerState.STARTING
-        self.proc: asyncio.subprocess.Process | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.inflight: dict[int, Job] = {}
-        self.requests = 0
-        self.started_at = time.time()
-        self.retire = False  # set by scale-down; the dispatch loop exits after its batch
-        self._sock_dir = tempfile.mkdtemp(prefix=f"lmc-{model.name}-w{self.id}-")
-        self.sock_path = os.path.join(self._sock_dir, "sock")
-        self._connected: asyncio.Future[tuple] = asyncio.get_running_loop().create_future()
-        self._server: asyncio.AbstractServer | None = None
-        self._reader_task: asyncio.Task | None = None
-        self.exit_reason: str | None = None
-        self.max_concurrency = 1
-
-    def info(self) -> WorkerInfo:
-        return WorkerInfo(self.id, self.proc.pid if self.proc else None, self.state.value,
-                          self.permanent, self.started_at, self.requests, self.group.tp,
-                          [{"rank": r, "pid": p} for r, p in enumerate(self.rank_pids)],
-                          self.group.visible_devices)
-
-    def _command(self) -> list[str]:
-        """One process, or `mpirun -np TP` of them for a tensor-parallel group (or engine=MPI
-        / DeepSpeed, which LMI runs under MPI even at TP=1)."""
-        worker = [sys.executable, "-m", "handlers.worker", "--socket", self.sock_path,
-                  "--name", f"{self.model.name}/w{self.id}"]
-        if self.group.tp == 1 and self.model.config.engine == "Python":
-            return worker
-        mpirun = os.environ.get("LMC_MPIRUN") or shutil.which("mpirun")
-        if mpirun is None:
-            raise WorkerDied(f"tensor_parallel_degree={self.group.tp} (engine="
-                             f"{self.model.config.engine}) runs each worker group under mpirun, "
-                             f"which is not installed; install OpenMPI (Debian: openmpi-bin)")
-        # Local ranks inherit this environment; --bind-to none leaves thread placement to
-        # torch; oversubscribe lets a CPU-only host run more ranks than it has slots.
-        return [mpirun, "--allow-run-as-root", "--oversubscribe", "--bind-to", "none",
-                "-np", str(self.group.tp), *worker]
-
-    async def start(self) -> None:
-        """Spawn the process and wait for its Ready; raises LmcError if loading fails."""
-        cfg = self.model.config
-
-        async def on_connect(reader, writer):
-            if not self._connected.done():
-                self._connected.set_result((reader, writer))
-            else:  # only rank 0 may connect, once
-                writer.close()
-
-        self._server = await asyncio.start_unix_server(on_connect, path=self.sock_path)
-        env = dict(os.environ)
-        env.update(self.model.worker_env)
-        if self.group.visible_devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = self.group.visible_devices
-        if self.group.tp > 1:
-            env["MASTER_ADDR"] = "127.0.0.1"
-            env["MASTER_PORT"] = str(_free_port())
-        self.proc = await asyncio.create_subprocess_exec(*self._command(), env=env)
-        log.info("model %s: worker %d starting (pid %d)", self.model.name, self.id, self.proc.pid)
-        exit_wait = asyncio.ensure_future(self.proc.wait())
-        try:
-            async with asyncio.timeout(cfg.model_loading_timeout_s):
-                done, _ = await asyncio.wait({self._connected, exit_wait},
-                                             return_when=asyncio.FIRST_COMPLETED)
-                if self._connected not in done:
-                    raise WorkerDied(f"worker exited with {_exit_text(self.proc.returncode)} "
-                                     f"before connecting")
-                reader, self.writer = self._connected.result()
-                self.writer.write(P.encode(P.Init(self.model.name, cfg.model_dir,
-                                                  self.model.init_properties)))
-                msg = await P.read_message(reader)
-        except TimeoutError:
-            await self.kill()
-            raise ServiceUnavailable(f"model {self.model.name!r} did not load within "
-                                     f"option.model_loading_timeout={cfg.model_loading_timeout_s:g}s")
-        except (asyncio.IncompleteReadError, ConnectionError):
-            rc = await self._wait_exit(5)
-            raise WorkerDied(f"worker exited with {_exit_text(rc)} while loading the model")
-        except BaseException:
-            await self.kill()
-            raise
-        finally:
-            exit_wait.cancel()
-            self._server.close()
-        if isinstance(msg, P.InitFailed):
-            await self._wait_exit(5)
-            raise LmcError(msg.error)
-        if not isinstance(msg, P.Ready):
-            await self.kill()
-            raise WorkerDied(f"worker sent {type(msg).__name__} instead of Ready")
-        self.state = WorkerState.READY
-        self.rank_pids = [int(p) for p in msg.info.get("ranks", str(msg.pid)).split(",")]
-        # A continuous-batching worker takes many requests at once; others one batch at a time.
-        self.max_concurrency = max(1, int(msg.info.get("max_concurrency", "1")))
-        self._reader_task = asyncio.create_task(self._read_loop(reader))
-        log.info("model %s: worker %d ready (pid %d)", self.model.name, self.id, self.proc.pid)
-
-    async def _read_loop(self, reader: asyncio.StreamReader) -> None:
-        inflight = self.inflight
-        decoder = P.FrameDecoder()
-        try:
-            while True:
-                data = await reader.read(1 << 16)
-                if not data:
-                    break
-                for msg in decoder.feed(data):
-                    t = type(msg)
-                    if t is P.Response:
-                        job = inflight.get(msg.id)
-                        if job is not None:
-                            job.on_response(msg)
-                            if not msg.stream:
-                                del inflight[msg.id]
-                        self.model.consecutive_failures = 0
-                    elif t is P.Chunk:
-                        job = inflight.get(msg.id)
-                        if job is not None:
-                            job.on_chunk(msg.data)
-                    elif t is P.End:
-                        job = inflight.pop(msg.id, None)
-                        if job is not None:
-                            job.on_end(msg.error)
-                    else:
-                        log.warning("worker %d sent unexpected %s", self.id, t.__name__)
-        except (ConnectionError, P.ProtocolError) as e:
-            log.error("model %s: worker %d connection broke: %s", self.model.name, self.id, e)
-        except asyncio.CancelledError:
-            return
-        # EOF: the process is gone or going.
-        rc = await self._wait_exit(2)
-        self._on_exit(rc)
-
-    async def _wait_exit(self, timeout_s: float) -> int | None:
-        if self.proc is None:
-            return None
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await self.proc.wait()
-        except TimeoutError:
-            self.proc.kill()
-            return await self.proc.wait()
-
-    def _on_exit(self, rc: int | None) -> None:
-        expected = self.state is WorkerState.STOPPED
-        self.state = WorkerState.STOPPED
-        self.exit_reason = _exit_text(rc)
-        if self.inflight:
-            err = WorkerDied(f"worker {self.id} of model {self.model.name!r} (pid "
-                             f"{self.proc.pid if self.proc else '?'}) exited with "
-                             f"{self.exit_reason} while handling this request")
-            for job in self.inflight.values():
-                job.fail(err)
-            self.inflight.clear()
-        if not expected:
-            log.error("model %s: worker %d exited unexpectedly with %s", self.model.name,
-                      self.id, self.exit_reason)
-            self.model.on_worker_crash(self)
-
-    def send(self, data: bytes) -> None:
-        self.writer.write(data)
-
-    async def run(self, jobs: list[Job]) -> None:
-        """Dispatch one batch and wait until all of its jobs are finished."""
-        if self.state is WorkerState.STOPPED:
-            for job in jobs:
-                job.fail(WorkerDied(f"worker {self.id} of model {self.model.name!r} is gone"))
-            return
-        self.state = WorkerState.BUSY
-        for job in jobs:
-            self.inflight[job.id] = job
-        self.requests += len(jobs)
-        self.writer.write(P.encode(P.Request([j.item for j in jobs])))
-        if len(jobs) == 1:
-            await jobs[0].done
-        else:
-            await asyncio.gather(*(j.done for j in jobs))
-        if self.state is WorkerState.BUSY and not self.inflight:
-            self.state = WorkerState.READY
-
-    def abort(self, job_id: int) -> None:
-        if job_id in self.inflight and self.writer is not None and not self.writer.is_closing():
-            self.writer.write(P.encode(P.Abort([job_id])))
-
-    async def stop(self, *, drain_s: float = 5.0) -> None:
-        """Ask the worker to exit; kill it if it does not within `drain_s`."""
-        if self.state is WorkerState.STOPPED and (self.proc is None or
-                                                  self.proc.returncode is not None):
-            self._cleanup()
-            return
-        self.state = WorkerState.STOPPED
-        if self.writer is not None and not self.writer.is_closing():
-            try:
-                self.writer.write(P.encode(P.Shutdown(drain=True)))
-                self.writer.close()
-            except ConnectionError:
-                pass
-        await self._wait_exit(drain_s)
-        if self._reader_task is not None:
-            self._reader_task.cancel()
-        self._on_exit(self.proc.returncode if self.proc else None)
-        self._cleanup()
-
-    async def kill(self) -> None:
-        self.state = WorkerState.STOPPED
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.kill()
-            await self.proc.wait()
-        self._cleanup()
-
-    def _cleanup(self) -> None:
-        for p in (self.sock_path, self._sock_dir):
-            try:
-                os.rmdir(p) if p == self._sock_dir else os.unlink(p)
-            except OSError:
-                pass
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _exit_text(rc: int | None) -> str:
-    if rc is None:
-        return "unknown status"
-    if rc < 0:
-        try:
-            return f"signal {signal.Signals(-rc).name}"
-        except ValueError:
-            return f"signal {-rc}"
-    return f"exit code {rc}"
-
-
-# ---------------------------------------------------------------------------------------------
-# Model: queue + batcher + worker pool
-# ---------------------------------------------------------------------------------------------
 
 
 class Model:
@@ -527,52 +198,40 @@ class Model:
     # -- dispatch --------------------------------------------------------------------------
 
     async def _dispatch_loop(self, w: Worker) -> None:
-        if w.max_concurrency > 1:
-            await self._dispatch_concurrent(w)
-            return
-        idle = None if w.permanent else float(self.config.max_idle_time_s)
+        """Feed `w` from the queue until it stops, retires or (a temporary one) idles out,
+        with at most `w.max_concurrency` dispatches in flight."""
+        # Rolling batch: the engine batches requests token by token itself, so each job goes
+        # to it alone as soon as it arrives; waiting here to group them would only add
+        # latency. Jobs beyond max_concurrency wait in this model's bounded queue, so
+        # job_queue_size still caps what is accepted.
+        rolling = w.max_concurrency > 1
+        batch_size = 1 if rolling else self.batch_size
+        max_delay_s = 0.0 if rolling else self.max_batch_delay_s
+        idle_s = None if w.permanent else float(self.config.max_idle_time_s)
+        slots = asyncio.Semaphore(w.max_concurrency)
+        running: set[asyncio.Task] = set()
         try:
             while w.state is not WorkerState.STOPPED and not w.retire:
-                jobs = await collect_batch(self.queue, self.batch_size, self.max_batch_delay_s,
-                                           idle_timeout_s=idle)
-                if not jobs:  # a temporary worker idled out
-                    log.info("model %s: worker %d idle for %ss, stopping", self.name, w.id, idle)
+                await slots.acquire()
+                jobs = await collect_batch(self.queue, batch_size, max_delay_s,
+                                           idle_timeout_s=idle_s)
+                if not jobs:
+                    slots.release()
+                    if running:
+                        continue
+                    log.info("model %s: worker %d idle for %ss, stopping", self.name, w.id, idle_s)
                     break
                 if w.state is WorkerState.STOPPED:
                     # Died while we waited: give the jobs back to the others.
                     for j in jobs:
                         self._requeue(j)
                     return
-                await w.run(jobs)
-        except asyncio.CancelledError:
-            return
-        if w in self.workers:
-            self.workers.remove(w)
-        await w.stop()
-
-    async def _dispatch_concurrent(self, w: Worker) -> None:
-        """Rolling batch: send each job to the worker as soon as it arrives, keeping at most
-        `max_concurrency` in flight; the engine batches them token by token. Jobs beyond that
-        wait in this model's bounded queue, so job_queue_size still caps what is accepted."""
-        slots = asyncio.Semaphore(w.max_concurrency)
-        idle = None if w.permanent else float(self.config.max_idle_time_s)
-        running: set[asyncio.Task] = set()
-        try:
-            while w.state is not WorkerState.STOPPED and not w.retire:
-                await slots.acquire()
-                jobs = await collect_batch(self.queue, 1, 0.0, idle_timeout_s=idle)
-                if not jobs:
-                    slots.release()
-                    if not running:
-                        break  # a temporary worker idled out
-                    continue
-                if w.state is WorkerState.STOPPED:
-                    for j in jobs:
-                        self._requeue(j)
-                    return
-                t = asyncio.create_task(w.run(jobs))
-                running.add(t)
-                t.add_done_callback(lambda t: (running.discard(t), slots.release()))
+                if rolling:
+                    t = asyncio.create_task(_run_batch(w, jobs, slots))
+                    running.add(t)
+                    t.add_done_callback(running.discard)
+                else:  # inline: one batch at a time needs no task, which keeps batch_size 1 cheap
+                    await _run_batch(w, jobs, slots)
         except asyncio.CancelledError:
             return
         if w in self.workers:
@@ -661,11 +320,9 @@ class Model:
         }
 
 
-async def stream_chunks(job: Job) -> AsyncIterator[bytes | StreamEnd]:
-    """Chunks of a streamed response, ending with the StreamEnd."""
-    assert job.chunks is not None
-    while True:
-        item = await job.chunks.get()
-        yield item
-        if isinstance(item, StreamEnd):
-            return
+async def _run_batch(w: Worker, jobs: list[Job], slots: asyncio.Semaphore) -> None:
+    """Run one dispatch on `w`, then free its slot (also when cancelled)."""
+    try:
+        await w.run(jobs)
+    finally:
+        slots.release()
