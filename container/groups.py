@@ -52,16 +52,6 @@ def resolve_tp(degree: int | str, num_devices: int) -> int:
     return max(1, num_devices) if degree == "max" else int(degree)
 
 
-def parse_tp(value: str | None, num_devices: int) -> int:
-    """option.tensor_parallel_degree: an int, or "max" for all devices (1 without devices)."""
-    if value is None or value == "":
-        return 1
-    if value == "max":
-        return max(1, num_devices)
-    tp = int(value)  # validated as an int >= 1 by container.config
-    return tp
-
-
 def plan_groups(*, tp: int, gpus: list[str], cpu_devices: int | None = None) -> list[GroupSpec]:
     """The groups one model gets: on GPUs, len(gpus) // tp groups of tp consecutive GPUs; on CPU,
     cpu_devices // tp groups (cpu_devices defaults to tp: one group)."""

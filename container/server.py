@@ -1,6 +1,7 @@
 """The aiohttp front end: inference routes, /ping, and the management API.
 
-This process never imports torch; models live in worker processes (container/wlm.py).
+This process never imports torch; models live in worker processes (container/wlm.py runs
+each model's queue and pool, container/worker_process.py the processes).
 """
 
 from __future__ import annotations
@@ -37,7 +38,8 @@ _JSON = invoke.JSON_TYPE
 class ModelManager:
     """The models this server serves, by name."""
 
-    def __init__(self) -> None:
+    def __init__(self, server: ServerOptions | None = None) -> None:
+        self.server = server
         self.models: dict[str, Model] = {}
         # Registration time (unix seconds) by name: OpenAI's /v1/models reports it as `created`.
         self.created: dict[str, int] = {}
@@ -70,7 +72,7 @@ class ModelManager:
         except ConfigError as e:
             raise E.BadRequest(str(e)) from None
         try:
-            model = Model(cfg)
+            model = Model(cfg, server=self.server)
         except (LayoutError, ValueError) as e:
             raise E.BadRequest(f"model {spec.name!r}: {e}") from None
         self.models[spec.name] = model
@@ -254,7 +256,7 @@ def build_app(server_config: ServerOptions, manager: ModelManager | None = None)
     app = web.Application(middlewares=[error_middleware],
                           client_max_size=server_config.max_request_size)
     app["server_config"] = server_config
-    app["models"] = manager or ModelManager()
+    app["models"] = manager or ModelManager(server_config)
     app.on_response_prepare.append(_on_prepare)
     r = app.router
     r.add_get("/ping", ping)

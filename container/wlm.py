@@ -21,15 +21,15 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import os
 import time
 
-from engines.contracts import protocol as P
 from container.batcher import collect_batch
 from container.config import ModelConfig
-from container.groups import GroupSpec, count_gpus, parse_tp, plan_groups
+from container.groups import GroupSpec, count_gpus, plan_groups, resolve_tp
 from container.jobs import Job
 from container.worker_process import Worker, WorkerState
+from engines.contracts import protocol as P
+from engines.options import ServerOptions, load_server_options
 from engines.contracts.errors import (LmcError, ModelNotReady, PredictTimeout, QueueFull,
                               ServiceUnavailable)
 
@@ -44,8 +44,10 @@ class ModelStatus(enum.Enum):
 
 
 class Model:
-    def __init__(self, config: ModelConfig, *, worker_env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: ModelConfig, *, server: ServerOptions | None = None,
+                 worker_env: dict[str, str] | None = None) -> None:
         self.config = config
+        self.server = server or load_server_options()
         self.name = config.name
         self.status = ModelStatus.LOADING
         self.failure: str | None = None
@@ -62,12 +64,11 @@ class Model:
         # Tensor-parallel layout: each worker is a group of `tp` ranks on its own device slice.
         # Without GPUs and TP=1 any number of workers fit (None: unconstrained).
         gpus = count_gpus()
-        self.tp = parse_tp(config.options.get("tensor_parallel_degree"), len(gpus))
-        cpu_slots = os.environ.get("LMC_CPU_DEVICES")
+        self.tp = resolve_tp(config.tensor_parallel_degree, len(gpus))
         self.device_groups: list[GroupSpec] | None = None
         if gpus or self.tp > 1:
             self.device_groups = plan_groups(tp=self.tp, gpus=gpus,
-                                             cpu_devices=int(cpu_slots) if cpu_slots else None)
+                                             cpu_devices=self.server.cpu_devices)
             if self.max_workers > len(self.device_groups):
                 log.info("model %s: %d worker group(s) of TP=%d fit the devices; maxWorkers=%d "
                          "lowered to %d", config.name, len(self.device_groups), self.tp,

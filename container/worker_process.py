@@ -90,7 +90,7 @@ class Worker:
                   "--name", f"{self.model.name}/w{self.id}"]
         if self.group.tp == 1 and self.model.config.engine == "Python":
             return worker
-        mpirun = os.environ.get("LMC_MPIRUN") or shutil.which("mpirun")
+        mpirun = self.model.server.mpirun or shutil.which("mpirun")
         if mpirun is None:
             raise WorkerDied(f"tensor_parallel_degree={self.group.tp} (engine="
                              f"{self.model.config.engine}) runs each worker group under mpirun, "
@@ -129,8 +129,9 @@ class Worker:
                     raise WorkerDied(f"worker exited with {_exit_text(self.proc.returncode)} "
                                      f"before connecting")
                 reader, self.writer = self._connected.result()
+                llm = cfg.llm.to_wire() if cfg.llm is not None else None
                 self.writer.write(P.encode(P.Init(self.model.name, cfg.model_dir,
-                                                  self.model.init_properties)))
+                                                  self.model.init_properties, llm)))
                 msg = await P.read_message(reader)
         except TimeoutError:
             await self.kill()

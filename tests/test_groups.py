@@ -2,7 +2,7 @@
 
 import pytest
 
-from container.groups import LayoutError, count_gpus, parse_tp, plan_groups
+from container.groups import LayoutError, count_gpus, plan_groups, resolve_tp
 
 
 def test_four_gpus_tp2_gives_two_groups():
@@ -13,7 +13,7 @@ def test_four_gpus_tp2_gives_two_groups():
 def test_eight_gpus_tp2_four_copies_and_tp_max():
     gpus = [str(i) for i in range(8)]
     assert len(plan_groups(tp=2, gpus=gpus)) == 4
-    assert parse_tp("max", 8) == 8
+    assert resolve_tp("max", 8) == 8 and resolve_tp(2, 8) == 2
     assert [g.visible_devices for g in plan_groups(tp=8, gpus=gpus)] == ["0,1,2,3,4,5,6,7"]
 
 
@@ -24,7 +24,7 @@ def test_leftover_gpus_are_not_used():
 def test_cpu_defaults_to_one_group_and_is_configurable():
     assert [(g.tp, g.devices) for g in plan_groups(tp=2, gpus=[])] == [(2, ())]
     assert len(plan_groups(tp=2, gpus=[], cpu_devices=4)) == 2
-    assert parse_tp(None, 0) == 1 and parse_tp("max", 0) == 1
+    assert resolve_tp(1, 0) == 1 and resolve_tp("max", 0) == 1
 
 
 def test_impossible_layouts_name_the_numbers():
