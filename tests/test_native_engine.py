@@ -375,6 +375,53 @@ def test_stop_rules_and_top_tokens_match_hf_engine(dirs):
     assert all(len(g.token_ids) >= 5 for g in got[3::6])
 
 
+# ---- the runner's output ------------------------------------------------------------------------
+
+
+def _plain(value) -> bool:
+    """Built of Python numbers, None, lists, tuples and dicts only (no tensors anywhere)."""
+    if value is None or type(value) in (int, float):
+        return True
+    if type(value) in (list, tuple):
+        return all(_plain(v) for v in value)
+    if type(value) is dict:
+        return all(_plain(k) and _plain(v) for k, v in value.items())
+    return False
+
+
+@pytest.mark.parametrize("path", ["eager", "graphs"])
+def test_runner_output_is_plain_python(dirs, path):
+    """Every step's ModelRunnerOutput (decode, chunked prefill, prompt log-probs, top tokens,
+    sampling, the CUDA-graph path) holds plain Python values, one entry per sampled row."""
+    import dataclasses
+
+    kw = {"max_num_batched_tokens": 8}
+    if path == "graphs":
+        pytest.importorskip("triton")
+        kw.update(attention_backend="triton", cuda_graphs=True, block_size=8, num_blocks=64,
+                  max_num_seqs=4)
+    engine = native(dirs("llama"), **kw)
+    outputs = []
+    execute = engine.runner.execute
+
+    def recording(plan, rows=None):
+        outputs.append(execute(plan, rows))
+        return outputs[-1]
+
+    engine.runner.execute = recording
+    graph_steps = _count_graph_steps(engine) if path == "graphs" else []
+    params = [SamplingParams(max_new_tokens=5, decoder_input_details=True),
+              SamplingParams(max_new_tokens=5, top_n_tokens=3, do_sample=True, seed=1,
+                             repetition_penalty=1.2),
+              SamplingParams(max_new_tokens=5)]
+    engine.generate([list(range(3, 23)), [10, 11, 12], [13, 14]], params)
+    assert any(o.prompt_logprobs for o in outputs) and any(any(o.top) for o in outputs)
+    assert bool(graph_steps) == (path == "graphs")
+    for o in outputs:
+        assert all(_plain(getattr(o, f.name)) for f in dataclasses.fields(o)), o
+        assert len(o.seq_ids) == len(o.token_ids) == len(o.log_probs) == len(o.top)
+
+
 # ---- the real model ----------------------------------------------------------------------------
 
 
@@ -455,3 +502,4 @@ def test_loop_closing_a_stream_aborts_and_frees_blocks(dirs):
         time.sleep(0.01)
     assert engine.block_manager.num_free_blocks == free_at_start
     assert not engine.has_unfinished()
+

@@ -106,8 +106,9 @@ class DecodeGraphs:
 
     @torch.inference_mode()
     def run(self, chunks: Sequence[PlanChunk]) -> torch.Tensor:
-        """Logits [B, V] fp32 of the decode rows, in chunk order. With captured graphs the
-        tensor is the graph's output buffer: read it before the next step."""
+        """Logits [B, V] fp32 of the decode rows, in chunk order; ModelRunner.execute samples
+        them like any other step's. With captured graphs the tensor is the graph's output
+        buffer: read it before the next step."""
         b = len(chunks)
         size = next(s for s in self.sizes if s >= b)
         bs = self.block_size

@@ -1,8 +1,13 @@
 """The native engine: continuous batching over a paged KV cache.
 
     engine.add_request(rid, prompt, params)   # any time, also between steps
-    events = engine.step()                    # schedule -> run the model -> postprocess
+    events = engine.step()                    # schedule -> run (model + sampling) -> update
     engine.abort(rid)                         # frees the request's KV blocks at once
+
+A step is three calls, as in vLLM v1 / nano-vllm: the scheduler (scheduler.py, pure Python)
+picks which tokens of which sequences to compute; the runner (runner.py, the only tensor code)
+runs them and samples, returning plain lists; the update appends the tokens and applies the
+stop rules. NativeEngine.step says where LoRA, structured output and speculative decoding go.
 
 `generate_stream` / `generate` offer the same batch API as the `hf` engine on top of that, so the
 LLM handler can use either engine.
@@ -28,10 +33,10 @@ from engines.detokenizer import TextStream
 from engines.native.block_manager import BlockManager
 from engines.native.model import LlamaModel, read_spec
 from engines.native.plan import Keepalive, Shutdown, StepPlan, make_plan
-from engines.native.runner import ModelRunner
-from engines.native.scheduler import Scheduler
+from engines.native.runner import ModelRunner, ModelRunnerOutput
+from engines.native.scheduler import Scheduler, SchedulerOutput
 from engines.native.sequence import Sequence
-from engines.sampler import RowState, sample_rows
+from engines.sampler import RowState
 from engines.tokenizing import TokenizerMixin
 from engines.prompt import prompt_ids
 from engines.types import (FinishReason, GenerationResult, SamplingParams, Token, TokenEvent,
@@ -70,7 +75,8 @@ class NativeEngine(TokenizerMixin):
         spec, cfg = read_spec(path)
         self.tp = None
         if tp_size > 1:
-            from engines.native.parallel import TensorParallel, check_divisible
+            from engines.native.parallel import TensorParallel
+            from engines.native.spec import check_divisible
 
             # Before touching the process group: a model that cannot split is a config error.
             check_divisible(num_heads=spec.num_heads, num_kv_heads=spec.num_kv_heads,
@@ -183,37 +189,53 @@ class NativeEngine(TokenizerMixin):
         return self.scheduler.has_work
 
     def step(self) -> list[tuple[object, TokenEvent]]:
-        """One engine step: (request id, event) for every request that produced a token."""
+        """One engine step: (request id, event) for every request that produced a token.
+
+        Schedule -> run -> update: the scheduler picks the chunks, the runner computes them
+        and samples (tensors stay behind it), the update turns its plain lists into events.
+        Future features go behind these three calls, not into this method:
+          LoRA                  a per-chunk adapter slot in the plan; the runner applies that
+                                adapter's weights to the chunk's rows.
+          structured output     the grammar's mask state on the request's RowState; the
+                                runner's sampling applies the mask, the update advances it.
+          speculative decoding  the scheduler schedules draft tokens, the runner verifies
+                                them, the update accepts several tokens per sequence.
+        """
         assert self.is_leader, "ranks > 0 run follow(), never step()"
         if self._stopped:
             raise RuntimeError("the native engine was shut down")
-        out = self.scheduler.schedule()
-        if out.is_empty:
+        scheduled = self.scheduler.schedule()
+        if scheduled.is_empty:
             return []
-        plan = make_plan(out, self.scheduler.seqs,
-                         {c.seq_id: self.block_manager.block_table(c.seq_id) for c in out.chunks},
-                         self._want_prompt_lps)
+        output = self.runner.execute(self._plan(scheduled), self._sampling_rows(scheduled))
+        return self._update(scheduled, output)
+
+    def _plan(self, scheduled: SchedulerOutput) -> StepPlan:
+        """The step's plan, sent to the other ranks first with tensor parallelism."""
+        tables = {c.seq_id: self.block_manager.block_table(c.seq_id) for c in scheduled.chunks}
+        plan = make_plan(scheduled, self.scheduler.seqs, tables, self._want_prompt_lps)
         if self.tp is not None:
             self.tp.broadcast(plan)
-        ran = self.runner.run(plan)
-        logits, seq_ids = ran.logits, ran.seq_ids
-        for sid, (pos, lps) in ran.prompt_logprobs.items():
+        return plan
+
+    def _sampling_rows(self, scheduled: SchedulerOutput) -> dict[int, RowState]:
+        """Seq id -> sampling state of every chunk that samples this step."""
+        return {c.seq_id: self._requests[c.seq_id].row for c in scheduled.chunks if c.sample}
+
+    def _update(self, scheduled: SchedulerOutput,
+                output: ModelRunnerOutput) -> list[tuple[object, TokenEvent]]:
+        """Apply the runner's output: prompt log-probs, new tokens, stop rules; the events."""
+        for sid, (pos, lps) in output.prompt_logprobs.items():
             # By position: a chunk recomputed after preemption overwrites the same values.
             self._requests[sid].prompt_lps[pos:pos + len(lps)] = lps
-        sampled: dict[int, int] = {}
+        self.scheduler.update(scheduled, dict(zip(output.seq_ids, output.token_ids)))
         events: list[tuple[object, TokenEvent]] = []
-        if seq_ids:
-            rows = [self._requests[s].row for s in seq_ids]
-            result = sample_rows(logits, rows)
-            for i, sid in enumerate(seq_ids):
-                sampled[sid] = result.token_ids[i]
-        self.scheduler.update(out, sampled)
-        for i, sid in enumerate(seq_ids):
+        for sid, token_id, log_prob, top in zip(output.seq_ids, output.token_ids,
+                                                output.log_probs, output.top):
             req = self._requests[sid]
             if sid in self._want_prompt_lps:
                 self._finish_prefill(req)
-            events.append((req.rid, self._postprocess(req, result.token_ids[i],
-                                                      result.log_probs[i], result.top[i])))
+            events.append((req.rid, self._postprocess(req, token_id, log_prob, top)))
         return events
 
     # -- tensor parallelism ---------------------------------------------------------------------
@@ -230,7 +252,7 @@ class NativeEngine(TokenizerMixin):
         while True:
             message = self.tp.receive()
             if isinstance(message, StepPlan):
-                self.runner.run(message)
+                self.runner.execute(message)  # no rows: only rank 0 samples
             elif isinstance(message, Shutdown):
                 self.tp.barrier()  # the handshake: rank 0 knows every follower is out
                 log.info("rank %d: rank 0 shut the engine down", self.tp.rank)

@@ -1,28 +1,44 @@
-"""Model runner: the only part of the native engine that builds tensors.
+"""Model runner: the only part of the native engine that builds and reads tensors.
 
 Turns a StepPlan (which tokens of which sequences to compute, with their block tables) into a
-StepBatch, runs the model, and returns the logits of the rows that sample, in chunk order (plus,
-for sequences that ask, the log-prob of every prompt token given the ones before it). With
-tensor parallelism every rank runs the same plan; only rank 0 gets logits back.
+StepBatch, runs the model (or replays a CUDA graph for a decode-only step), samples the next
+token of every row that samples from its request's RowState, and scores prompt tokens for the
+sequences that ask (decoder_input_details). What comes back is a ModelRunnerOutput of plain
+Python lists, as vLLM v1's runner returns: the engine never touches a tensor.
+
+With tensor parallelism every rank runs the same plan (the forward pass meets the other ranks in
+its collectives); only rank 0 gets logits, so only rank 0 samples, and the other ranks get an
+empty output.
+
+The runner's side of future features (NativeEngine.step has the whole list): it applies a
+chunk's LoRA adapter weights, the sampling applies a RowState's grammar mask, and speculative
+decoding's verification of draft tokens happens here.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import torch
 
 from engines.native.model import LlamaModel, StepBatch
-from engines.native.plan import StepPlan
+from engines.native.plan import PlanChunk, StepPlan
+from engines.sampler import RowState, StepOutput, sample_rows
 
 log = logging.getLogger(__name__)
 
 
-@dataclass
-class RunnerOutput:
-    logits: torch.Tensor | None  # [N, V] fp32, the sampling rows; None when nothing samples
-    seq_ids: list[int]  # the seq id of each logits row
+@dataclass(frozen=True, slots=True)
+class ModelRunnerOutput:
+    """One step's results as plain Python (no tensors). Entry i of `token_ids`, `log_probs` and
+    `top` is the token sampled for sequence `seq_ids[i]`, in plan chunk order (decodes first)."""
+
+    seq_ids: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    log_probs: list[float] = field(default_factory=list)  # of each chosen token
+    top: list[list[tuple[int, float]]] = field(default_factory=list)  # (id, log-prob), best first
     # seq id -> (p, log-probs): log-probs of prompt tokens p + 1, p + 2, ... computed this step.
     prompt_logprobs: dict[int, tuple[int, list[float]]] = field(default_factory=dict)
 
@@ -35,6 +51,21 @@ class _PromptRows:
     first_pos: int  # position of the first row; its logits score token first_pos + 1
     rows: list[int]
     targets: list[int]
+
+
+@dataclass(slots=True)
+class _Rows:
+    """A step's flat per-token inputs, filled chunk by chunk, and the rows that sample."""
+
+    token_ids: list[int] = field(default_factory=list)
+    positions: list[int] = field(default_factory=list)
+    slot_mapping: list[int] = field(default_factory=list)
+    logits_rows: list[int] = field(default_factory=list)  # the sampling rows, in order
+    logits_seq: list[int] = field(default_factory=list)  # the seq id of each
+
+    def sample(self, row: int, seq_id: int) -> None:
+        self.logits_rows.append(row)
+        self.logits_seq.append(seq_id)
 
 
 ATTENTION_BACKENDS = ("auto", "triton", "torch")
@@ -104,52 +135,70 @@ class ModelRunner:
         rows')."""
         dev = self.device
         decodes = [c for c in plan.chunks if c.is_decode]
-        prefills = [c for c in plan.chunks if not c.is_decode]
-        token_ids: list[int] = []
-        positions: list[int] = []
-        slot_mapping: list[int] = []
-        logits_rows: list[int] = []
-        logits_seq: list[int] = []
-        prompt_rows: list[_PromptRows] = []
-
+        rows = _Rows()
         # Decode rows: one token each, attending to everything before it (and itself).
         lengths = []
         for c in decodes:
-            token_ids.append(c.token_ids[0])
-            positions.append(c.start)
-            slot_mapping.extend(self._slots(c.block_table, c.start, c.start + 1))
+            rows.token_ids.append(c.token_ids[0])
+            rows.positions.append(c.start)
+            rows.slot_mapping.extend(self._slots(c.block_table, c.start, c.start + 1))
             lengths.append(c.start + 1)
-            logits_rows.append(len(token_ids) - 1)
-            logits_seq.append(c.seq_id)
-        decode_slots = decode_mask = decode_seq_lens = None
-        if decodes:
-            max_len = max(lengths)
-            bs = self.block_size
-            max_blocks = -(-max_len // bs)
-            decode_slots = torch.tensor([(c.block_table + [0] * max_blocks)[:max_blocks]
-                                         for c in decodes], dtype=torch.long, device=dev)  # [B, NB]
-        if decodes and self.attention == "triton":
-            decode_seq_lens = torch.tensor(lengths, dtype=torch.int32, device=dev)  # [B]
-        elif decodes:
-            # Whole blocks are gathered (one contiguous block_size x KV x D copy each), so the
-            # key axis is padded to a block multiple and masked past each row's length.
-            pos = torch.arange(max_blocks * bs, device=dev)  # [L = NB * bs]
-            lens = torch.tensor(lengths, device=dev)[:, None]  # [B, 1]
-            mask = pos[None, :] < lens  # [B, L]
-            if self.sliding_window:
-                mask &= pos[None, :] > lens - 1 - self.sliding_window
-            decode_mask = mask[:, None, None, :]  # [B, 1, 1, L]
+            rows.sample(len(rows.token_ids) - 1, c.seq_id)
+        decode_slots, decode_mask, decode_seq_lens = self._decode_inputs(decodes, lengths)
+        prefills, prompt_rows = self._add_prefills(
+            rows, [c for c in plan.chunks if not c.is_decode])
+        batch = StepBatch(
+            token_ids=torch.tensor(rows.token_ids, dtype=torch.long, device=dev),  # [T]
+            positions=torch.tensor(rows.positions, dtype=torch.long, device=dev),  # [T]
+            slot_mapping=torch.tensor(rows.slot_mapping, dtype=torch.long, device=dev),  # [T]
+            logits_index=torch.tensor(rows.logits_rows + [r for pr in prompt_rows for r in pr.rows],
+                                      dtype=torch.long, device=dev),  # [N + P]
+            decode_count=len(decodes),
+            decode_slots=decode_slots,
+            decode_mask=decode_mask,
+            decode_key=tuple(c.seq_id for c in decodes),
+            decode_lens=tuple(lengths),
+            prefills=prefills,
+            decode_seq_lens=decode_seq_lens,
+        )
+        return batch, rows.logits_seq, prompt_rows
 
-        prefill_parts = []
+    def _decode_inputs(self, decodes: list[PlanChunk], lengths: list[int]) -> tuple[
+            torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+        """(block tables, attention mask, lengths) of the decode rows, as StepBatch wants them
+        for this runner's attention backend; all None without decode rows."""
+        if not decodes:
+            return None, None, None
+        dev, bs = self.device, self.block_size
+        max_blocks = -(-max(lengths) // bs)
+        slots = torch.tensor([(c.block_table + [0] * max_blocks)[:max_blocks] for c in decodes],
+                             dtype=torch.long, device=dev)  # [B, NB]
+        if self.attention == "triton":
+            return slots, None, torch.tensor(lengths, dtype=torch.int32, device=dev)  # [B]
+        # Whole blocks are gathered (one contiguous block_size x KV x D copy each), so the key
+        # axis is padded to a block multiple and masked past each row's length.
+        pos = torch.arange(max_blocks * bs, device=dev)  # [L = NB * bs]
+        lens = torch.tensor(lengths, device=dev)[:, None]  # [B, 1]
+        mask = pos[None, :] < lens  # [B, L]
+        if self.sliding_window:
+            mask &= pos[None, :] > lens - 1 - self.sliding_window
+        return slots, mask[:, None, None, :], None  # mask [B, 1, 1, L]
+
+    def _add_prefills(self, rows: _Rows, prefills: list[PlanChunk]) -> tuple[
+            list[tuple[int, int, torch.Tensor | None, torch.Tensor | None]], list[_PromptRows]]:
+        """Append the prefill chunks' rows; StepBatch.prefills and the scored prompt rows."""
+        dev = self.device
+        parts = []
+        prompt_rows: list[_PromptRows] = []
         for c in prefills:
             table = c.block_table
-            row = len(token_ids)
+            row = len(rows.token_ids)
             end = c.start + c.num_tokens
-            token_ids.extend(c.token_ids)
-            positions.extend(range(c.start, end))
-            slot_mapping.extend(self._slots(table, c.start, end))
+            rows.token_ids.extend(c.token_ids)
+            rows.positions.extend(range(c.start, end))
+            rows.slot_mapping.extend(self._slots(table, c.start, end))
             if c.start == 0 and not (self.sliding_window and end > self.sliding_window):
-                prefill_parts.append((row, c.num_tokens, None, None))
+                parts.append((row, c.num_tokens, None, None))
             else:
                 kpos = torch.arange(end, device=dev)  # [L]
                 qpos = torch.arange(c.start, end, device=dev)[:, None]  # [n, 1]
@@ -157,54 +206,53 @@ class ModelRunner:
                 if self.sliding_window:
                     mask &= kpos[None, :] > qpos - self.sliding_window
                 slots = torch.tensor(self._slots(table, 0, end), dtype=torch.long, device=dev)
-                prefill_parts.append((row, c.num_tokens, slots, mask))
+                parts.append((row, c.num_tokens, slots, mask))
             if c.sample:
-                logits_rows.append(row + c.num_tokens - 1)
-                logits_seq.append(c.seq_id)
+                rows.sample(row + c.num_tokens - 1, c.seq_id)
             if c.prompt_targets:
                 prompt_rows.append(_PromptRows(
                     c.seq_id, c.start, list(range(row, row + len(c.prompt_targets))),
                     c.prompt_targets))
-
-        batch = StepBatch(
-            token_ids=torch.tensor(token_ids, dtype=torch.long, device=dev),
-            positions=torch.tensor(positions, dtype=torch.long, device=dev),
-            slot_mapping=torch.tensor(slot_mapping, dtype=torch.long, device=dev),
-            logits_index=torch.tensor(logits_rows + [r for pr in prompt_rows for r in pr.rows],
-                                      dtype=torch.long, device=dev),
-            decode_count=len(decodes),
-            decode_slots=decode_slots,
-            decode_mask=decode_mask,
-            decode_key=tuple(c.seq_id for c in decodes),
-            decode_lens=tuple(lengths),
-            prefills=prefill_parts,
-            decode_seq_lens=decode_seq_lens,
-        )
-        return batch, logits_seq, prompt_rows
+        return parts, prompt_rows
 
     @torch.inference_mode()
-    def run(self, plan: StepPlan) -> RunnerOutput:
-        """Logits of the sampling rows with their seq ids; for the chunks with prompt targets,
-        the log-probs of those prompt tokens. With tensor parallelism, ranks > 0 get an empty
-        output (rank 0 alone samples)."""
-        if self.graphs is not None and self.graphs.fits(plan.chunks):
-            return RunnerOutput(self.graphs.run(plan.chunks), [c.seq_id for c in plan.chunks])
-        batch, logits_seq, prompt_rows = self.build(plan)
-        hidden = self.model.forward(batch, self.kv_cache)
-        if not logits_seq and not prompt_rows:
-            return RunnerOutput(None, [])
-        logits = self.model.logits(hidden)  # [N + P, V] fp32; None on ranks > 0
+    def execute(self, plan: StepPlan,
+                rows: Mapping[int, RowState] | None = None) -> ModelRunnerOutput:
+        """Run the plan and sample: `rows` holds the RowState of every chunk that samples (by
+        seq id). With tensor parallelism, ranks > 0 pass no rows and get an empty output."""
+        logits, seq_ids, prompt_rows = self._logits(plan)
         if logits is None:
-            return RunnerOutput(None, [])
-        n = len(logits_seq)
-        result = RunnerOutput(logits[:n] if n else None, logits_seq)
-        if prompt_rows:
-            # As the hf engine: log_softmax of the raw logits, gathered at the next token.
-            targets = torch.tensor([t for pr in prompt_rows for t in pr.targets],
-                                   device=self.device)[:, None]  # [P, 1]
-            lps = logits[n:].log_softmax(dim=-1).gather(1, targets)[:, 0].tolist()  # [P]
-            i = 0
-            for pr in prompt_rows:
-                result.prompt_logprobs[pr.seq_id] = (pr.first_pos, lps[i:i + len(pr.rows)])
-                i += len(pr.rows)
-        return result
+            return ModelRunnerOutput()
+        assert rows is not None, "the rank that gets logits samples: it must pass the rows"
+        n = len(seq_ids)
+        sampled = (sample_rows(logits[:n], [rows[s] for s in seq_ids]) if n
+                   else StepOutput([], [], []))
+        prompt_lps = self._prompt_logprobs(logits[n:], prompt_rows) if prompt_rows else {}
+        return ModelRunnerOutput(seq_ids, sampled.token_ids, sampled.log_probs, sampled.top,
+                                 prompt_lps)
+
+    def _logits(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[int], list[_PromptRows]]:
+        """Logits [N + P, V] fp32 of the sampling rows (N, their seq ids in order) and then the
+        scored prompt rows (P); None when nothing samples or scores, and on TP ranks > 0."""
+        if self.graphs is not None and self.graphs.fits(plan.chunks):
+            # A graph's output buffer: sampled before the next step overwrites it.
+            return self.graphs.run(plan.chunks), [c.seq_id for c in plan.chunks], []
+        batch, seq_ids, prompt_rows = self.build(plan)
+        hidden = self.model.forward(batch, self.kv_cache)
+        if not seq_ids and not prompt_rows:
+            return None, [], []
+        return self.model.logits(hidden), seq_ids, prompt_rows
+
+    def _prompt_logprobs(self, logits: torch.Tensor,
+                         prompt_rows: list[_PromptRows]) -> dict[int, tuple[int, list[float]]]:
+        """Seq id -> (first position, log-probs of the prompt tokens its rows score).
+        logits: [P, V], the prompt rows' in order."""
+        # As the hf engine: log_softmax of the raw logits, gathered at the next token.
+        targets = torch.tensor([t for pr in prompt_rows for t in pr.targets],
+                               device=self.device)[:, None]  # [P, 1]
+        lps = logits.log_softmax(dim=-1).gather(1, targets)[:, 0].tolist()  # [P]
+        out, i = {}, 0
+        for pr in prompt_rows:
+            out[pr.seq_id] = (pr.first_pos, lps[i:i + len(pr.rows)])
+            i += len(pr.rows)
+        return out
