@@ -12,6 +12,7 @@ import pytest
 import torch
 from tiny_models import make_tiny_llama, make_tiny_mistral, make_tiny_model, make_tiny_qwen2
 
+from engines.contracts.engine import Capabilities, Engine, TPMode
 from engines.hf.engine import HFEngine
 from engines.native.engine import NativeEngine
 from engines.types import FinishReason, SamplingParams
@@ -471,6 +472,8 @@ def test_loop_batches_concurrent_threads_and_matches_hf(dirs):
     path = dirs("llama")
     prompts, params = workload(seed=11, n=12)
     loop = EngineLoop(native(path, max_num_seqs=8, num_blocks=64))
+    assert isinstance(loop, Engine)
+    assert loop.capabilities == Capabilities(max_concurrency=8, tp_mode=TPMode.NONE)
     with concurrent.futures.ThreadPoolExecutor(12) as pool:
         results = list(pool.map(lambda a: loop.generate([a[0]], [a[1]])[0],
                                 zip(prompts, params)))
@@ -503,3 +506,31 @@ def test_loop_closing_a_stream_aborts_and_frees_blocks(dirs):
     assert engine.block_manager.num_free_blocks == free_at_start
     assert not engine.has_unfinished()
 
+
+def test_loop_fails_requests_on_a_step_error_and_at_shutdown(dirs):
+    """A step that raises fails the requests it ran (with that error) and the loop carries on;
+    a shutdown fails what still runs and frees its blocks."""
+    from engines.native.loop import EngineLoop
+
+    engine = native(dirs("llama"), max_num_seqs=8, num_blocks=64)
+    step = engine.step
+
+    def broken():
+        engine.step = step  # only this once
+        raise ValueError("boom")
+
+    engine.step = broken
+    loop = EngineLoop(engine)
+    short = [SamplingParams(max_new_tokens=3)]
+    with pytest.raises(ValueError, match="boom"):
+        loop.generate([[5, 6, 7]], short)
+    assert len(loop.generate([[5, 6, 7]], short)[0].token_ids) == 3
+    stream = loop.generate_stream([[5, 6, 7]], [SamplingParams(max_new_tokens=200,
+                                                               ignore_eos_token=True)])
+    next(stream)
+    loop.shutdown()
+    with pytest.raises(RuntimeError, match="shut down"):
+        for _ in stream:
+            pass
+    assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+    loop.shutdown()  # idempotent

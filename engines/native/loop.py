@@ -6,6 +6,10 @@ before anything is queued), submits them, and reads its TokenEvents from its own
 the iterator early (the client went away) aborts the request: its KV blocks are freed in the
 engine's next step.
 
+Threads and the loop talk in small frozen messages: request threads put commands (AddRequest,
+AbortRequest, StopLoop) on the loop's one queue; the loop puts StepEvent / RequestFailed on the
+requesting thread's own queue.
+
 With tensor parallelism only rank 0's loop runs a thread; on the other ranks the worker calls
 `follow()`, which runs the steps rank 0 broadcasts until rank 0's `shutdown()`.
 """
@@ -17,25 +21,57 @@ import logging
 import queue
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 
+from engines.contracts.engine import Capabilities, TPMode
 from engines.prompt import prompt_ids
 from engines.types import GenerationResult, SamplingParams, TokenEvent, collect_results
 
 log = logging.getLogger("lmc.native")
 
 
-class _Failed:
-    """Put in a request's queue when the engine step raised: the request ends with this error."""
+# -- commands: request threads -> the loop thread ----------------------------------------------
 
-    def __init__(self, error: BaseException) -> None:
-        self.error = error
+@dataclass(frozen=True, slots=True)
+class AddRequest:
+    key: int  # the loop's id for the request (the engine's request id)
+    prompt_ids: list[int]
+    params: SamplingParams
+    out: queue.SimpleQueue  # the requesting thread's queue: StepEvent / RequestFailed
+    index: int  # the prompt's place in its generate_stream call (TokenEvent.index)
+
+
+@dataclass(frozen=True, slots=True)
+class AbortRequest:
+    key: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopLoop:
+    """Fail what still runs, shut the engine down (releasing TP followers), end the thread."""
+
+
+Command = AddRequest | AbortRequest | StopLoop
+
+
+# -- outputs: the loop thread -> a request thread's queue --------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class StepEvent:
+    key: int
+    event: TokenEvent  # index already set to the prompt's place in its call
+
+
+@dataclass(frozen=True, slots=True)
+class RequestFailed:
+    """The engine step (or adding the request) raised: the request ends with this error."""
+
+    error: BaseException
 
 
 class EngineLoop:
     """Wraps a NativeEngine; the engine object must only be stepped by this loop's thread.
     On a tensor-parallel follower (rank > 0) no thread runs: call `follow()`."""
-
-    supports_concurrency = True
 
     def __init__(self, engine, *, thread: threading.Thread | None = None) -> None:
         """`engine` is stepped on a new thread, or, when `thread` is given, on that (already
@@ -45,9 +81,11 @@ class EngineLoop:
         self.max_context = engine.max_context
         self.eos_token_ids = engine.eos_token_ids
         self.vocab_size = engine.vocab_size
-        self.max_concurrency = engine.scheduler.max_num_seqs
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._outputs: dict[int, tuple[queue.SimpleQueue, int]] = {}
+        self.capabilities = Capabilities(
+            max_concurrency=engine.scheduler.max_num_seqs,
+            tp_mode=TPMode.ENGINE if engine.tp is not None else TPMode.NONE)
+        self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
+        self._running: dict[int, AddRequest] = {}  # loop thread only: requests in the engine
         self._keys = itertools.count()
         if thread is not None:
             self._thread = thread
@@ -66,7 +104,7 @@ class EngineLoop:
         """Stop the loop thread; requests still running fail. With TP this releases the
         followers from `follow()`. Idempotent."""
         if self._thread.is_alive():
-            self._commands.put(("shutdown",))
+            self._commands.put(StopLoop())
             self._thread.join(timeout_s)
 
     # -- the tokenizer API the handler uses -----------------------------------------------------
@@ -94,10 +132,10 @@ class EngineLoop:
         return self._stream(ids, params)
 
     def _stream(self, ids: list[list[int]], params: list[SamplingParams]) -> Iterator[list[TokenEvent]]:
-        out: queue.SimpleQueue = queue.SimpleQueue()
+        out: queue.SimpleQueue[StepEvent | RequestFailed] = queue.SimpleQueue()
         keys = [next(self._keys) for _ in ids]
         for index, (key, prompt, p) in enumerate(zip(keys, ids, params)):
-            self._commands.put(("add", key, prompt, p, out, index))
+            self._commands.put(AddRequest(key, prompt, p, out, index))
         pending = set(keys)
         try:
             while pending:
@@ -109,16 +147,15 @@ class EngineLoop:
                         break
                 events = []
                 for item in batch:
-                    if isinstance(item, _Failed):
+                    if isinstance(item, RequestFailed):
                         raise item.error
-                    key, event = item
-                    if event.finish_reason is not None:
-                        pending.discard(key)
-                    events.append(event)
+                    if item.event.finish_reason is not None:
+                        pending.discard(item.key)
+                    events.append(item.event)
                 yield events
         finally:
             for key in pending:  # closed early or failed: free the engine's resources
-                self._commands.put(("abort", key))
+                self._commands.put(AbortRequest(key))
 
     def generate(self, prompts: list[str | list[int]],
                  params: list[SamplingParams]) -> list[GenerationResult]:
@@ -128,27 +165,31 @@ class EngineLoop:
 
     # -- engine side (the loop thread) ----------------------------------------------------------
 
-    def _apply(self, command: tuple) -> bool:
-        """Apply one command; False when it is the shutdown."""
-        if command[0] == "shutdown":
-            for out, _ in self._outputs.values():
-                out.put(_Failed(RuntimeError("the engine was shut down")))
-            self._outputs.clear()
-            self.engine.shutdown()
-            return False
-        if command[0] == "add":
-            _, key, prompt, p, out, index = command
-            self._outputs[key] = (out, index)
-            try:
-                self.engine.add_request(key, prompt, p)
-            except Exception as e:  # validated already; anything here is an engine fault
-                self._outputs.pop(key, None)
-                out.put(_Failed(e))
-        else:
-            _, key = command
-            if self._outputs.pop(key, None) is not None:
-                self.engine.abort(key)
+    def _apply(self, command: Command) -> bool:
+        """Apply one command; False when it is the StopLoop."""
+        match command:
+            case StopLoop():
+                self._fail_all(RuntimeError("the engine was shut down"))
+                self.engine.shutdown()
+                return False
+            case AddRequest(key=key):
+                self._running[key] = command
+                try:
+                    self.engine.add_request(key, command.prompt_ids, command.params)
+                except Exception as e:  # validated already; anything here is an engine fault
+                    del self._running[key]
+                    command.out.put(RequestFailed(e))
+            case AbortRequest(key=key):
+                if self._running.pop(key, None) is not None:
+                    self.engine.abort(key)
         return True
+
+    def _fail_all(self, error: BaseException) -> None:
+        """End every running request with `error`, dropping it from the engine."""
+        for key, request in self._running.items():
+            request.out.put(RequestFailed(error))
+            self.engine.abort(key)
+        self._running.clear()
 
     def _run(self) -> None:
         engine = self.engine
@@ -176,26 +217,26 @@ class EngineLoop:
                     break
                 if not self._apply(command):
                     return
-            if not engine.has_unfinished():
-                continue
-            try:
-                events = engine.step()
-            except Exception as e:
-                log.exception("engine step failed; failing its %d requests", len(self._outputs))
-                for key, (out, _) in list(self._outputs.items()):
-                    out.put(_Failed(e))
-                    engine.abort(key)
-                self._outputs.clear()
-                continue
-            for key, ev in events:
-                target = self._outputs.get(key)
-                if target is None:
-                    continue  # aborted meanwhile
-                out, index = target
-                out.put((key, TokenEvent(index, ev.token, ev.text, ev.top_tokens,
-                                         ev.finish_reason, ev.prefill)))
-                if ev.finish_reason is not None:
-                    del self._outputs[key]
+            if engine.has_unfinished():
+                self._step()
+
+    def _step(self) -> None:
+        """One engine step; each event goes to its request's queue."""
+        try:
+            events = self.engine.step()
+        except Exception as e:
+            log.exception("engine step failed; failing its %d requests", len(self._running))
+            self._fail_all(e)
+            return
+        for key, ev in events:
+            request = self._running.get(key)
+            if request is None:
+                continue  # aborted meanwhile
+            request.out.put(StepEvent(key, TokenEvent(request.index, ev.token, ev.text,
+                                                      ev.top_tokens, ev.finish_reason,
+                                                      ev.prefill)))
+            if ev.finish_reason is not None:
+                del self._running[key]
 
 
 def start_native_engine(model_dir: str, **options) -> EngineLoop:
