@@ -18,6 +18,7 @@ import pytest
 import torch
 from tiny_models import make_tiny_model
 
+from engines.contracts.engine import Capabilities, TPMode
 from engines.selection import choose_engine
 from engines.types import SamplingParams
 
@@ -126,7 +127,9 @@ def test_tp1_without_process_group_is_hf(model_dir, hf_engine):
     from engines.deepspeed import DeepSpeedEngine
 
     engine = DeepSpeedEngine(str(model_dir), dtype="fp32")
-    assert engine.replicate and engine.tp_size == 1
+    # One rank: nothing to replicate to.
+    assert engine.capabilities == Capabilities(max_concurrency=1, tp_mode=TPMode.NONE)
+    assert engine.tp_size == 1
     params = [SamplingParams(max_new_tokens=10)] * len(GREEDY_PROMPTS)
     got = engine.generate(GREEDY_PROMPTS, params)
     want = hf_engine.generate(GREEDY_PROMPTS, params)
@@ -149,7 +152,7 @@ def test_tp_size_other_than_the_group_is_an_error(model_dir):
 
 def test_registry_imports_deepspeed_only_when_an_engine_is_built():
     code = ("import sys; from engines.registry import get_engine_class; "
-            "cls = get_engine_class('DeepSpeed'); assert cls.replicate; "
+            "cls = get_engine_class('DeepSpeed'); assert cls.capabilities.max_concurrency == 1; "
             "assert 'deepspeed' not in sys.modules, 'deepspeed was imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 

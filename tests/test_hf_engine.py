@@ -97,6 +97,18 @@ def test_registry_and_types_do_not_import_torch():
 # ---- greedy ----------------------------------------------------------------------------------
 
 
+def test_engine_contract(engine):
+    from engines.contracts.engine import Capabilities, Engine, TPMode
+
+    assert isinstance(engine, Engine)
+    assert engine.capabilities == Capabilities(max_concurrency=1, tp_mode=TPMode.NONE)
+    engine.shutdown()
+    engine.shutdown()  # idempotent, and the engine still serves
+    assert engine.generate([[5, 6]], [SamplingParams(max_new_tokens=1)])[0].token_ids
+    with pytest.raises(RuntimeError, match="no tensor parallelism"):
+        engine.follow()
+
+
 def test_greedy_batch_matches_model_generate_token_for_token(engine):
     n = 16
     results = engine.generate(PROMPTS, [SamplingParams(max_new_tokens=n)] * len(PROMPTS))

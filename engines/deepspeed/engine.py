@@ -6,7 +6,7 @@ How a group runs it: the worker has already joined every rank to one torch.distr
 then `deepspeed.init_inference(..., replace_with_kernel_inject=False)` (AutoTP) keeps the rank's
 slice of every attention/MLP projection, adds an all-reduce after the row-parallel ones and
 moves the slice to the rank's device. Every rank then runs the same calls with the same inputs
-in lockstep (`replicate = True`: rank 0 broadcasts each request batch, only rank 0 answers);
+in lockstep (TPMode.REPLICATE: rank 0 broadcasts each request batch, only rank 0 answers);
 each forward pass meets the other ranks in those all-reduces.
 
 Lockstep needs every rank to choose the same tokens:
@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from engines.contracts.engine import Capabilities, TPMode
 from engines.hf.engine import HFEngine
 from engines.types import SamplingParams
 
@@ -38,10 +39,6 @@ log = logging.getLogger("lmc.engines")
 
 class DeepSpeedEngine(HFEngine):
     """HFEngine whose model is DeepSpeed AutoTP-sharded over the torch.distributed world."""
-
-    # Every rank of the group runs every call with the same inputs (the worker replicates
-    # requests to them); only rank 0's results are returned to clients.
-    replicate = True
 
     def __init__(self, model_dir: str, *, dtype: str = "auto", tp_size: int | None = None) -> None:
         import torch.distributed as dist
@@ -55,6 +52,10 @@ class DeepSpeedEngine(HFEngine):
                 f"(mpirun -np {tp}) or set option.tensor_parallel_degree={world}")
         self.tp_size = tp
         self.rank = dist.get_rank() if world > 1 else 0
+        # With a group, every rank runs every call with the same inputs (the worker replicates
+        # requests to them); only rank 0's results are returned to clients.
+        self.capabilities = Capabilities(
+            max_concurrency=1, tp_mode=TPMode.REPLICATE if tp > 1 else TPMode.NONE)
         # The device the shard ends on; the checkpoint is read on the host first, so no device
         # ever holds the whole model (only the rank's slice is moved).
         self._target_is_cpu = not torch.cuda.is_available()
@@ -82,6 +83,10 @@ class DeepSpeedEngine(HFEngine):
                  self.device)
 
     # ---- lockstep ------------------------------------------------------------------------------
+
+    def follow(self) -> None:
+        raise RuntimeError("the deepspeed engine's ranks replicate every call "
+                           "(TPMode.REPLICATE); none of them runs follow()")
 
     def _new_rows(self, prompts: list[str | list[int]], params: list[SamplingParams]) -> list:
         return super()._new_rows(prompts, self._shared_seeds(params))

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from engines.contracts.engine import Capabilities
 from engines.detokenizer import TextStream
 from engines.tokenizing import TokenizerMixin
 from engines.prompt import prompt_ids as checked_prompt_ids
@@ -61,6 +62,9 @@ class _Row:
 
 class HFEngine(TokenizerMixin):
     """Loads a local HF model dir (safetensors) with transformers and generates in batches."""
+
+    # One call at a time: each call is its own static batch (engines/contracts/engine.py).
+    capabilities = Capabilities()
 
     def __init__(self, model_dir: str, *, dtype: str = "auto", device: str | None = None) -> None:
         # Models come from local dirs only; a hub lookup would hang without network.
@@ -124,6 +128,15 @@ class HFEngine(TokenizerMixin):
         Bad inputs raise here, before the first step; the iterator only runs the model.
         """
         return self._run(self._new_rows(prompts, params))
+
+    # ---- lifecycle (the Engine contract) ---------------------------------------------------------
+
+    def follow(self) -> None:
+        raise RuntimeError("the hf engine has no tensor parallelism: there is no rank 0 to "
+                           "follow (only TPMode.ENGINE engines run follow())")
+
+    def shutdown(self) -> None:
+        """Nothing to release: no threads, no other ranks."""
 
     # ---- the decode loop ------------------------------------------------------------------------
 
