@@ -31,7 +31,7 @@ from engines.contracts.errors import ValidationError, error_body, handler_error
 from engines.contracts.names import ITEM_CODE_PROPERTY, LMI_BUILTIN_ENTRY_POINTS
 from handlers.formatters import INPUT_FORMATTER_TAG, OUTPUT_FORMATTER_TAG
 from handlers.inputs import Input, input_from_items, split_batch_key
-from handlers.outputs import Output, to_json_bytes
+from handlers.outputs import Output
 from handlers.sagemaker import SAGEMAKER_FUNCTIONS, SageMakerHandler
 
 if TYPE_CHECKING:

@@ -451,7 +451,8 @@ def test_smollm2_greedy_matches_hf_generate():
 
 
 def test_weights_the_model_would_ignore_are_refused(tmp_path):
-    from engines.native.model import LlamaModel, UnsupportedModel
+    from engines.native.model import LlamaModel
+    from engines.native.spec import UnsupportedModel
 
     # Llama with attention_bias also has an o_proj bias, which the native forward lacks.
     path = make_tiny_model(tmp_path / "biased", extra={"attention_bias": True})

@@ -32,7 +32,6 @@ from engines.types import (
     Token,
     TokenEvent,
     collect_results,
-    ValidationError,
 )
 
 _DTYPES: dict[str, torch.dtype] = {

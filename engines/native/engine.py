@@ -31,7 +31,8 @@ import torch
 
 from engines.detokenizer import TextStream
 from engines.native.block_manager import BlockManager
-from engines.native.model import LlamaModel, read_spec
+from engines.native.model import LlamaModel
+from engines.native.spec import read_spec
 from engines.native.plan import Keepalive, Shutdown, StepPlan, make_plan
 from engines.native.runner import ModelRunner, ModelRunnerOutput
 from engines.native.scheduler import Scheduler, SchedulerOutput

@@ -13,7 +13,6 @@ Shapes: T = tokens in the step, H = query heads, KV = key/value heads, D = head 
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from engines.native.spec import ModelSpec, UnsupportedModel, read_spec  # noqa: F401
+from engines.native.spec import UnsupportedModel, read_spec
 
 if TYPE_CHECKING:
     from engines.native.parallel import TensorParallel
