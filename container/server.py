@@ -77,8 +77,10 @@ class ModelManager:
             raise E.BadRequest(f"model {spec.name!r}: {e}") from None
         self.models[spec.name] = model
         self.created[spec.name] = int(time.time())
-        log.info("registering model %s from %s (batch_size=%d, max_batch_delay=%dms, "
-                 "workers=%d..%d)", cfg.name, cfg.model_dir, cfg.batch_size,
+        handler = (f"{cfg.llm.engine.name} engine ({cfg.llm.engine.reason})" if cfg.llm
+                   else "custom handler")
+        log.info("registering model %s from %s: %s, batch_size=%d, max_batch_delay=%dms, "
+                 "workers=%d..%d", cfg.name, cfg.model_dir, handler, cfg.batch_size,
                  cfg.max_batch_delay_ms, cfg.min_workers, cfg.max_workers)
         task = asyncio.create_task(model.load())
         if wait:
