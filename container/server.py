@@ -78,7 +78,7 @@ class ModelManager:
         self.models[spec.name] = model
         self.created[spec.name] = int(time.time())
         handler = (f"{cfg.llm.engine.name} engine ({cfg.llm.engine.reason})" if cfg.llm
-                   else "custom handler")
+                   else "handler chosen by the worker (model.py)")
         log.info("registering model %s from %s: %s, batch_size=%d, max_batch_delay=%dms, "
                  "workers=%d..%d", cfg.name, cfg.model_dir, handler, cfg.batch_size,
                  cfg.max_batch_delay_ms, cfg.min_workers, cfg.max_workers)
