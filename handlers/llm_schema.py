@@ -23,7 +23,8 @@ from enum import Enum
 from typing import Any, Protocol
 
 from engines.contracts.names import API_PROPERTY
-from engines.types import ACCEPTED_PARAMETERS, SamplingParams, ValidationError, check_int
+from engines.types import (ACCEPTED_PARAMETERS, MAX_TOP_N_TOKENS, SamplingParams, ValidationError,
+                           check_int)
 
 
 class Api(str, Enum):
@@ -80,6 +81,8 @@ class LLMRequest:
     best_of: int = 1
     return_full_text: bool = False
     details: bool = False
+    # TGI routes: LoRAX's return_k_alternatives (alternative_tokens on each token); 0: not asked
+    alternatives: int = 0
     # OpenAI only
     model: str | None = None
     logprobs: int | None = None  # None: not asked; else how many top alternatives per token
@@ -114,14 +117,46 @@ def parse_request(payload: Any, api: Api, engine: Tokenizing) -> LLMRequest:
 
 # ---- LMI and TGI -----------------------------------------------------------------------------
 
-# TGI's parameter names that differ from LMI's, and TGI knobs that are accepted only at their
-# "off" value (anything else would be silently ignored, so it is refused instead).
+# TGI's parameter names that differ from LMI's.
 _TGI_RENAMES = {"stop": "stop_sequences"}
-_TGI_OFF_VALUES: dict[str, tuple[Any, ...]] = {
-    "watermark": (False, None),
-    "grammar": (None,),
-    "adapter_id": (None,),
+# Parameters TGI's and LoRAX's clients send on every request, accepted only at the value that
+# changes nothing (null, or false): anything else would be silently ignored, so it is refused
+# by name instead, saying why.
+_TGI_OFF_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
+    "watermark": ((False,), "watermarking is not supported"),
+    "grammar": ((), "grammar-constrained generation is not supported yet"),
+    "response_format": ((), "structured output (response_format) is not supported yet"),
+    "adapter_id": ((), "LoRA adapters are not served yet"),
+    "adapter_source": ((), "LoRA adapters are not served yet"),
+    "merged_adapters": ((), "LoRA adapters are not served yet"),
+    "api_token": ((), "api_token only fetches adapters, and LoRA adapters are not served yet"),
 }
+
+
+def _tgi_parameters(parameters: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """TGI/LoRAX parameters as LMI's; also LoRAX's return_k_alternatives (0: not asked)."""
+    for name, (off, why) in _TGI_OFF_VALUES.items():
+        value = parameters.pop(name, None)
+        if value is not None and value not in off:
+            raise ValidationError(name, f"{name}={value!r}: {why}; omit it or send null")
+    for tgi_name, ours in _TGI_RENAMES.items():
+        if tgi_name in parameters:
+            parameters[ours] = parameters.pop(tgi_name)
+    k = parameters.pop("return_k_alternatives", None)
+    if k is None:
+        return parameters, 0
+    _check_range("return_k_alternatives", k, 1, MAX_TOP_N_TOKENS)
+    top_n = parameters.get("top_n_tokens")
+    if top_n is not None and top_n != k:
+        raise ValidationError("return_k_alternatives", f"return_k_alternatives={k} and "
+                              f"top_n_tokens={top_n} disagree; send one of them")
+    parameters["top_n_tokens"] = k
+    return parameters, k
+
+
+def _drop_nulls(values: dict[str, Any]) -> dict[str, Any]:
+    """A value sent as JSON null means "not set", as in TGI, LoRAX, vLLM and LMI."""
+    return {k: v for k, v in values.items() if v is not None}
 
 
 def _parse_lmi(payload: dict[str, Any], api: Api, engine: Tokenizing) -> LLMRequest:
@@ -143,15 +178,9 @@ def _parse_lmi(payload: dict[str, Any], api: Api, engine: Tokenizing) -> LLMRequ
             "parameters", f"parameters must be a JSON object, got {type(parameters).__name__}"
         )
     parameters = dict(parameters)
+    alternatives = 0
     if api.is_tgi:
-        for name, off in _TGI_OFF_VALUES.items():
-            if name in parameters:
-                value = parameters.pop(name)
-                if value not in off:
-                    raise ValidationError(name, f"{name} is not supported; omit it")
-        for tgi_name, ours in _TGI_RENAMES.items():
-            if tgi_name in parameters:
-                parameters[ours] = parameters.pop(tgi_name)
+        parameters, alternatives = _tgi_parameters(parameters)
 
     unknown = sorted(set(parameters) - LMI_PARAMETERS)
     if unknown:
@@ -160,6 +189,7 @@ def _parse_lmi(payload: dict[str, Any], api: Api, engine: Tokenizing) -> LLMRequ
             f"unknown parameter(s) {_names(unknown)}; accepted parameters: "
             + ", ".join(sorted(LMI_PARAMETERS)),
         )
+    parameters = _drop_nulls(parameters)
     own = {k: parameters.pop(k) for k in HANDLER_PARAMETERS if k in parameters}
     params = SamplingParams.from_request(parameters)
     return_full_text = _bool(own, "return_full_text", False)
@@ -177,7 +207,7 @@ def _parse_lmi(payload: dict[str, Any], api: Api, engine: Tokenizing) -> LLMRequ
     return _finish(
         engine, api, prompts, params, truncate=truncate,
         stream=stream, is_list=is_list, n=n, best_of=best_of,
-        return_full_text=return_full_text, details=details,
+        return_full_text=return_full_text, details=details, alternatives=alternatives,
     )
 
 
@@ -270,19 +300,19 @@ _COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/comp
 def _parse_openai(payload: dict[str, Any], engine: Tokenizing, *, chat: bool,
                   api: Api) -> LLMRequest:
     accepted = OPENAI_CHAT_FIELDS if chat else OPENAI_COMPLETION_FIELDS
-    body = dict(payload)
+    unknown = sorted(set(payload) - accepted - set(_OPENAI_HARMLESS))
+    if unknown:
+        raise ValidationError(
+            unknown[0],
+            f"unknown field(s) {_names(unknown)}; accepted fields: {', '.join(sorted(accepted))}",
+        )
+    body = _drop_nulls(payload)
     for name, harmless in _OPENAI_HARMLESS.items():
         if name in body:
             value = body.pop(name)
             if not harmless(value):
                 raise ValidationError(
                     name, f"{name}={value!r} is not supported by this server; omit it")
-    unknown = sorted(set(body) - accepted)
-    if unknown:
-        raise ValidationError(
-            unknown[0],
-            f"unknown field(s) {_names(unknown)}; accepted fields: {', '.join(sorted(accepted))}",
-        )
 
     if chat:
         prompts, is_list = [_render_chat(body.get("messages"), engine)], False

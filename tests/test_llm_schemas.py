@@ -199,3 +199,66 @@ def test_openai_unknown_field_lists_accepted():
                        Api.OPENAI_CHAT).message
     for name in OPENAI_CHAT_FIELDS:
         assert name in message
+
+
+# ---- null means "not set", on every route ------------------------------------------------------
+
+_ALL_LMI_NULL = {name: None for name in ("max_new_tokens", "temperature", "top_k", "top_p",
+                                         "seed", "stop_sequences", "details", "n", "best_of",
+                                         "truncate", "typical_p", "do_sample",
+                                         "repetition_penalty", "decoder_input_details")}
+
+
+@pytest.mark.parametrize("api", [Api.LMI, Api.TGI_GENERATE])
+def test_null_parameters_are_unset(api):
+    r = parse({"inputs": "hi", "parameters": _ALL_LMI_NULL, "stream": None}, api)
+    default = parse({"inputs": "hi"}, api)
+    assert (r.params, r.n, r.best_of, r.details, r.stream) == \
+        (default.params, default.n, default.best_of, default.details, default.stream)
+
+
+@pytest.mark.parametrize("api, body", [
+    (Api.OPENAI_COMPLETIONS, {"prompt": "hi"}),
+    (Api.OPENAI_CHAT, {"messages": [{"role": "user", "content": "hi"}]}),
+])
+def test_openai_nulls_are_unset(api, body):
+    nulls = {k: None for k in ("model", "max_tokens", "temperature", "top_p", "n", "stop", "seed",
+                               "stream", "stream_options", "logprobs", "presence_penalty",
+                               "frequency_penalty", "user", "top_k", "min_p", "response_format",
+                               "tools", "tool_choice", "logit_bias")}
+    if api is Api.OPENAI_COMPLETIONS:
+        nulls.update(echo=None, best_of=None, suffix=None)
+    else:
+        nulls.update(max_completion_tokens=None, top_logprobs=None)
+    r, default = parse({**body, **nulls}, api), parse(body, api)
+    assert (r.params, r.n, r.logprobs, r.echo, r.stream) == \
+        (default.params, default.n, default.logprobs, default.echo, default.stream)
+
+
+def test_an_unknown_name_is_refused_even_when_null():
+    assert error_of({"inputs": "hi", "parameters": {"max_new_tokenz": None}}).field == \
+        "max_new_tokenz"
+    assert error_of({"prompt": "hi", "temprature": None}, Api.OPENAI_COMPLETIONS).field == \
+        "temprature"
+    # LoRAX/TGI names are TGI-route names: on LMI routes they stay unknown.
+    assert error_of({"inputs": "hi", "parameters": {"adapter_id": None}}).field == "adapter_id"
+
+
+def test_tgi_routes_take_what_tgi_and_lorax_clients_send():
+    sent = {"adapter_id": None, "adapter_source": None, "merged_adapters": None,
+            "api_token": None, "do_sample": False, "max_new_tokens": 4,
+            "ignore_eos_token": False, "repetition_penalty": None, "return_full_text": False,
+            "stop": [], "seed": None, "temperature": None, "top_k": None, "top_p": None,
+            "truncate": None, "typical_p": None, "best_of": None, "watermark": False,
+            "details": True, "decoder_input_details": False, "return_k_alternatives": None,
+            "response_format": None, "grammar": None, "top_n_tokens": None,
+            "frequency_penalty": None}
+    r = parse({"inputs": "hi", "parameters": sent, "stream": False}, Api.TGI)
+    assert r.params.max_new_tokens == 4 and r.details and r.alternatives == 0
+    k = parse({"inputs": "hi", "parameters": {**sent, "return_k_alternatives": 3}}, Api.TGI)
+    assert k.alternatives == 3 and k.params.top_n_tokens == 3
+    for name, value in [("watermark", True), ("grammar", {"type": "json", "value": {}}),
+                        ("adapter_id", "a"), ("merged_adapters", {"ids": ["a"]}),
+                        ("response_format", {"type": "json_object"})]:
+        e = error_of({"inputs": "hi", "parameters": {**sent, name: value}}, Api.TGI)
+        assert e.field == name and "omit it or send null" in e.message
