@@ -59,9 +59,36 @@ def _openai_handler(api: str):
 
 def _tgi_handler(api: str):
     async def handle(request: web.Request) -> web.StreamResponse:
-        inv = await invoke.submit(request, invoke.select_model(request), _properties(request, api))
+        try:
+            inv = await invoke.submit(request, invoke.select_model(request),
+                                      _properties(request, api))
+        except E.LmcError as e:
+            code, body = E.tgi_error(e.status, e.message, e.type, field=getattr(e, "field", None))
+            return _tgi_response(code, body, e.headers)
+        if not inv.ok and not inv.response.stream:
+            return _tgi_response(*_tgi_from_worker(inv.response))
         return await invoke.respond(request, inv)
     return handle
+
+
+def _tgi_response(status: int, body: bytes, headers: dict[str, str] | None = None) -> web.Response:
+    """An error in TGI's shape (engines/contracts/errors.tgi_error), so TGI's and LoRAX's clients
+    raise their own typed errors with our message. A stream that fails after its first byte
+    already ends with TGI's SSE error event (handlers/llm_formats.TgiSSE)."""
+    return web.Response(status=status, body=body, content_type=invoke.JSON_TYPE,
+                        headers=headers or None)
+
+
+def _tgi_from_worker(response) -> tuple[int, bytes]:
+    """A worker's error answer ({"code", "type", "message", "field"?}) in TGI's shape."""
+    try:
+        payload = json.loads(response.body)
+    except ValueError:
+        payload = None
+    if not isinstance(payload, dict) or not isinstance(payload.get("message"), str):
+        return E.tgi_error(response.code, response.body.decode("utf-8", errors="replace"))
+    return E.tgi_error(response.code, payload["message"], payload.get("type"),
+                       field=payload.get("field"))
 
 
 async def list_models(request: web.Request) -> web.Response:

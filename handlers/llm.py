@@ -237,7 +237,9 @@ class LLMHandler:
         if api is Api.OPENAI_CHAT:
             return fmt.openai_chat(request, groups, self._meta(request, chat=True))
         if api.is_tgi:
-            return fmt.tgi_response(request, 0, groups[0])
+            body = fmt.tgi_response(request, 0, groups[0])
+            # TGI's compat root answers a list, as TGI's and LoRAX's clients read it.
+            return [body] if api is Api.TGI else body
         if request.chat or self.output_format.endswith("_chat"):
             bodies = [self._custom(fmt.openai_chat(request, [g], self._meta(request, chat=True)))
                       for g in groups]

@@ -57,9 +57,14 @@ def lmi_token(token: Token, text: str | None = None) -> dict[str, Any]:
             "log_prob": token.log_prob, "special_token": token.special}
 
 
-def tgi_token(token: Token, text: str | None = None) -> dict[str, Any]:
-    return {"id": token.id, "text": token.text if text is None else text,
-            "logprob": token.log_prob, "special": token.special}
+def tgi_token(token: Token, text: str | None = None,
+              alternatives: tuple[Token, ...] | None = None) -> dict[str, Any]:
+    """`alternatives`: LoRAX's alternative_tokens (return_k_alternatives)."""
+    out = {"id": token.id, "text": token.text if text is None else text,
+           "logprob": token.log_prob, "special": token.special}
+    if alternatives is not None:
+        out["alternative_tokens"] = [tgi_prefill_token(t) for t in alternatives]
+    return out
 
 
 def tgi_prefill_token(token: Token) -> dict[str, Any]:
@@ -108,13 +113,15 @@ def lmi_response(request: LLMRequest, index: int, results: list[GenerationResult
 
 
 def _tgi_details(request: LLMRequest, result: GenerationResult) -> dict[str, Any]:
+    tops = result.top_tokens if request.alternatives else [None] * len(result.tokens)
     details: dict[str, Any] = {
         "finish_reason": _reason(result.finish_reason),
         "generated_tokens": len(result.tokens) or result.generated_tokens,
+        "prompt_tokens": result.prompt_tokens,  # LoRAX's clients require it
         "seed": request.params.seed,
         # TGI always sends prefill (empty unless decoder_input_details); clients require it.
         "prefill": [tgi_prefill_token(t) for t in result.prefill or ()],
-        "tokens": [tgi_token(t) for t in result.tokens],
+        "tokens": [tgi_token(t, alternatives=alt) for t, alt in zip(result.tokens, tops)],
     }
     if request.params.top_n_tokens:
         details["top_tokens"] = [[tgi_token(t) for t in step] for step in result.top_tokens]
@@ -346,8 +353,9 @@ class TgiSSE(_SSE):
         super().__init__(request, EVENT_STREAM)
 
     def token(self, state: SequenceState, event: TokenEvent) -> list[Item]:
+        alternatives = event.top_tokens if self.request.alternatives else None
         item: dict[str, Any] = {"index": state.generated_tokens - 1,
-                                "token": tgi_token(event.token, event.text)}
+                                "token": tgi_token(event.token, event.text, alternatives)}
         if self.request.params.top_n_tokens:
             item["top_tokens"] = [tgi_token(t) for t in event.top_tokens]
         done = event.finish_reason is not None
@@ -357,8 +365,10 @@ class TgiSSE(_SSE):
         return [item]
 
     def _details(self, state: SequenceState, reason: str | None) -> dict[str, Any]:
+        prompt_tokens = self.request.prompt_tokens[state.prompt_index]
+        # input_length: huggingface_hub's name; prompt_tokens: LoRAX's.
         return {"finish_reason": reason, "generated_tokens": state.generated_tokens,
-                "input_length": self.request.prompt_tokens[state.prompt_index],
+                "input_length": prompt_tokens, "prompt_tokens": prompt_tokens,
                 "seed": self.request.params.seed}
 
     def error(self, message: str) -> list[Item]:

@@ -177,6 +177,36 @@ def test_invalid_json_is_the_same_validation_error_on_every_route(llm, path):
     if path.startswith("/endpoints/"):  # SageMaker's runtime API wraps the container's answer
         assert ei.value.code == 424 and body["OriginalStatusCode"] == 400
         body = json.loads(body["OriginalMessage"])
-    assert ei.value.code == 400 or path.startswith("/endpoints/")
+    elif path == "/generate":  # TGI's shape and status, for TGI's and LoRAX's clients
+        assert ei.value.code == 422 and body["error_type"] == "validation"
+        body = {"code": 400, **body, "message": body["error"]}
+    else:
+        assert ei.value.code == 400
     assert (body["code"], body["type"], body["field"]) == (400, "ValidationError", "body")
     assert body["message"].startswith("the body is not valid JSON")
+
+
+def _post_json(url: str, body: dict) -> dict:
+    import urllib.request
+
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        return json.loads(r.read())
+
+
+def test_null_means_unset_over_http(llm):
+    """What TGI's and LoRAX's clients do (every unset field as null), on the other routes too."""
+    plain = _post_json(llm.url + "/invocations", {"inputs": "Hello", "parameters":
+                                                  {"max_new_tokens": 6}})
+    nulls = _post_json(llm.url + "/invocations", {"inputs": "Hello", "stream": None, "parameters":
+                                                  {"max_new_tokens": 6, "temperature": None,
+                                                   "top_p": None, "seed": None, "details": None,
+                                                   "stop_sequences": None, "truncate": None}})
+    assert nulls == plain  # greedy: the same text
+    chat = _post_json(llm.url + "/v1/chat/completions", {
+        "model": None, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 6,
+        "temperature": 0, "top_p": None, "n": None, "stop": None, "logprobs": None,
+        "stream": None, "seed": None, "tools": None, "response_format": None})
+    assert chat["object"] == "chat.completion" and len(chat["choices"]) == 1
+    assert chat["usage"]["completion_tokens"] <= 6

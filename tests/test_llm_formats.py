@@ -87,7 +87,7 @@ def test_tgi_sse_stream():
                                                 "special": False},
                           "generated_text": None, "details": None}
     assert events_[2]["details"] == {"finish_reason": "eos_token", "generated_tokens": 3,
-                                     "input_length": 3, "seed": None}
+                                     "input_length": 3, "prompt_tokens": 3, "seed": None}
 
 
 def test_openai_streams():

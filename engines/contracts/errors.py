@@ -165,3 +165,33 @@ def handler_error(exc: BaseException) -> tuple[int, str, str]:
         if matches(exc):
             return status, type_, reason
     return _DEFAULT_HANDLER_ERROR
+
+
+# ---- the same table in TGI's terms -----------------------------------------------------------
+
+# TGI's (and LoRAX's) routes answer errors as {"error": message, "error_type": t} with TGI's
+# status codes; their clients pick their exception class from error_type (ValidationError,
+# OverloadedError, GenerationError). Our status -> (TGI status, error_type).
+_TGI_ERRORS: dict[int, tuple[int, str]] = {
+    400: (422, "validation"),
+    413: (413, "validation"),
+    415: (415, "validation"),
+    503: (429, "overloaded"),  # queue full, loading: retry later (Retry-After is kept)
+    424: (424, "generation"),
+    500: (500, "generation"),
+    507: (507, "generation"),
+}
+
+
+def tgi_error(status: int, message: str, type_: str | None = None, *,
+              field: str | None = None) -> tuple[int, bytes]:
+    """(status, body) of our error in TGI's shape, keeping our `type` (and `field`) next to
+    TGI's keys, so the same mistake still has the same type on every route. Statuses TGI has
+    no error_type for (404, 405, 409, 504) keep their code, which the clients map by status."""
+    tgi_status, error_type = _TGI_ERRORS.get(status, (status, None))
+    body: dict = {"error": message, "type": type_ or status_type(status)}
+    if error_type is not None:
+        body["error_type"] = error_type
+    if field is not None:
+        body["field"] = field
+    return tgi_status, json.dumps(body, ensure_ascii=False).encode()
