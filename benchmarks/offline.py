@@ -92,7 +92,8 @@ def run_native(model_dir: Path, prompts: list[list[int]], output_len: int, dtype
                           kv_cache_gb=None if device.type == "cuda" else 4.0,
                           attention_backend=attention_backend, cuda_graphs=cuda_graphs)
     warm = SamplingParams(max_new_tokens=4, ignore_eos_token=True)
-    engine.generate([p[:8] for p in prompts[:2]], [warm, warm])
+    warm_prompts = [p[:8] for p in prompts[:2]]  # one with --num-prompts 1
+    engine.generate(warm_prompts, [warm] * len(warm_prompts))
     params = SamplingParams(max_new_tokens=output_len, ignore_eos_token=True)
     _sync(device)
     t = time.perf_counter()
