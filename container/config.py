@@ -24,10 +24,11 @@ from types import MappingProxyType
 from typing import Any
 
 from container.groups import count_gpus, resolve_tp
+from engines import sources
 from engines.contracts.names import LMI_BUILTIN_ENTRY_POINTS
 from engines.options import (ENGINE_OPTIONS, LLM_OPTION_KEYS, ConfigError, HandlerOptions,
                              ServingOptions, Setting, did_you_mean, environment_settings,
-                             keys_of, parse_options)
+                             keys_of, load_server_options, parse_options)
 from engines.selection import EngineChoice, LLMPlan, resolve_model_dir, select_engine
 
 log = logging.getLogger("lmc.config")
@@ -178,6 +179,16 @@ def _check_engine_reads(choice: EngineChoice, options: Mapping[str, Setting]) ->
             f"remove the key, or select the engine that reads it ({hint})")
 
 
+def _fetched(value: str, source: str, cache_dir: str) -> Path:
+    """A remote model fetched, checked to hold something LMC can serve."""
+    local = sources.fetch(value, cache_dir=cache_dir, source=source)
+    if not any((local / f).is_file() for f in ("config.json", "model.py", PROPERTIES_FILE)):
+        raise sources.SourceError(
+            f"{source}={value}: what arrived ({local}) has no config.json, no model.py and no "
+            f"serving.properties; point it at the folder that holds the model's files")
+    return local
+
+
 def build_model_config(name: str, model_dir: str | Path, settings: Mapping[str, Setting], *,
                        device: str = "cpu", gpus: list[str] | None = None) -> ModelConfig:
     """Turn merged settings into a ModelConfig, rejecting unknown keys and bad values."""
@@ -199,15 +210,28 @@ def _fields(options: Any) -> dict[str, Any]:
 
 def load_model_config(name: str, model_dir: str | Path, env: Mapping[str, str] | None = None,
                       *, overrides: Mapping[str, str] | None = None,
-                      device: str | None = None, gpus: list[str] | None = None) -> ModelConfig:
+                      device: str | None = None, gpus: list[str] | None = None,
+                      source: str = "model", cache_dir: str | None = None) -> ModelConfig:
     """serving.properties in `model_dir` over the environment; `overrides` (e.g. from the
     management API's register call) win over both. `gpus`: the GPUs this server may use
-    (default: counted from the environment)."""
+    (default: counted from the environment).
+
+    A `model_dir` or option.model_id that names a remote source (s3://, .tar.gz, a hub id) is
+    fetched here first, into `cache_dir` (default $LMC_CACHE); this blocks, so the front end
+    calls it on a thread. Fetch failures raise SourceError."""
     env = os.environ if env is None else env
+    cache_dir = cache_dir or load_server_options(env).cache_dir
+    if sources.is_remote(str(model_dir)):
+        model_dir = _fetched(str(model_dir), source, cache_dir)
     settings = environment_settings(env)
     settings.update(read_properties_file(Path(model_dir)))
     for k, v in (overrides or {}).items():
         settings[k] = Setting(str(v), "the register request")
+    model_id = settings.get("option.model_id")
+    if model_id is not None and model_id.value and sources.is_remote(model_id.value):
+        local = _fetched(model_id.value, "option.model_id", cache_dir)
+        settings["option.model_id"] = Setting(str(local), f"{model_id.source}, fetched from "
+                                                          f"{model_id.value}")
     gpus = count_gpus(env) if gpus is None else gpus
     return build_model_config(name, model_dir, settings, gpus=gpus,
                               device=device or ("gpu" if gpus else "cpu"))
@@ -221,7 +245,8 @@ def load_model_config(name: str, model_dir: str | Path, env: Mapping[str, str] |
 @dataclass(frozen=True)
 class ModelSpec:
     name: str
-    model_dir: str
+    model_dir: str  # a local directory, or a source to fetch first (engines/sources)
+    source: str = "--model-dir"  # where the user named it, for messages
 
 
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"
@@ -231,15 +256,24 @@ def _local_dir(value: str, source: str) -> Path:
     path = Path(value[len("file://"):] if value.startswith("file://") else value).expanduser()
     if path.is_dir():
         return path.resolve()
-    if value.startswith("s3://") or re.fullmatch(r"[\w.-]+/[\w.-]+", value):
-        raise ConfigError(f"{source}={value!r}: only local model directories can be served on "
-                          f"this build (no access to S3 or the Hugging Face hub); mount the model "
-                          f"and point to its directory, e.g. -v $PWD/model:{SAGEMAKER_MODEL_DIR}")
     raise ConfigError(f"{source}={value!r} is not a directory")
 
 
-def _name_for(path: Path) -> str:
-    return re.sub(r"[^\w.-]", "_", path.name) or "model"
+def _model_source(value: str, source: str) -> str:
+    """A local model dir (resolved), or a source fetched at registration: s3://, a .tar.gz,
+    a hub id."""
+    if sources.is_remote(value):
+        return value
+    path = _local_dir(value, source)
+    return str(path)
+
+
+def _name_for(value: str) -> str:
+    stem = value.rstrip("/").rsplit("/", 1)[-1]
+    for suffix in sources.ARCHIVE_SUFFIXES:
+        if stem.lower().endswith(suffix):
+            stem = stem[:-len(suffix)]
+    return re.sub(r"[^\w.-]", "_", stem) or "model"
 
 
 def parse_load_models(value: str) -> list[ModelSpec]:
@@ -252,8 +286,8 @@ def parse_load_models(value: str) -> list[ModelSpec]:
             entry = rest.split("=", 1)[1] if "=" in rest else rest
         elif "=" in entry and not entry.startswith(("/", ".", "file:")):
             name, entry = entry.split("=", 1)
-        path = _local_dir(entry, "SERVING_LOAD_MODELS entry")
-        specs.append(ModelSpec(name or _name_for(path), str(path)))
+        where = _model_source(entry, "SERVING_LOAD_MODELS entry")
+        specs.append(ModelSpec(name or _name_for(where), where, "SERVING_LOAD_MODELS entry"))
     return specs
 
 
@@ -264,11 +298,11 @@ def resolve_models(*, model_dir: str | None, model_store: str | None,
     anything, SERVING_LOAD_MODELS / a model store. None means: serve the default model."""
     env = os.environ if env is None else env
     if model_dir:
-        path = _local_dir(model_dir, "--model-dir")
-        return [ModelSpec(_name_for(path), str(path))]
+        where = _model_source(model_dir, "--model-dir")
+        return [ModelSpec(_name_for(where), where, "--model-dir")]
     if env.get("HF_MODEL_ID"):
-        path = _local_dir(env["HF_MODEL_ID"], "HF_MODEL_ID")
-        return [ModelSpec(_name_for(path), str(path))]
+        where = _model_source(env["HF_MODEL_ID"], "HF_MODEL_ID")
+        return [ModelSpec(_name_for(where), where, "HF_MODEL_ID")]
     sm = Path(sagemaker_dir)
     if sm.is_dir() and any(sm.iterdir()):
         return [ModelSpec("model", str(sm))]
@@ -281,7 +315,7 @@ def resolve_models(*, model_dir: str | None, model_store: str | None,
         taken = {s.name for s in specs}
         for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
             if sub.name not in taken:
-                specs.append(ModelSpec(_name_for(sub), str(sub.resolve())))
+                specs.append(ModelSpec(_name_for(str(sub)), str(sub.resolve()), "model store"))
         if not specs:
             raise ConfigError(f"model store {root} has no model folders")
     return specs or None

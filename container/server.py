@@ -22,6 +22,7 @@ from engines.contracts import errors as E
 from container import invoke, llm_routes, sagemaker_runtime
 from container.config import ModelSpec, load_model_config
 from engines.options import ConfigError, ServerOptions
+from engines.sources import SourceError
 from container.groups import LayoutError
 from container.wlm import Model, ModelStatus
 
@@ -41,6 +42,9 @@ class ModelManager:
     def __init__(self, server: ServerOptions | None = None) -> None:
         self.server = server
         self.models: dict[str, Model] = {}
+        # Models whose source is still being fetched (None) or failed to fetch (the reason):
+        # /ping reports them as loading or failed before a Model exists.
+        self.fetching: dict[str, str | None] = {}
         # Registration time (unix seconds) by name: OpenAI's /v1/models reports it as `created`.
         self.created: dict[str, int] = {}
         # True until the startup models (incl. preparing the default model) are registered,
@@ -64,13 +68,29 @@ class ModelManager:
                            f"({', '.join(sorted(self.models))})")
 
     async def register(self, spec: ModelSpec, *, overrides: dict[str, str] | None = None,
-                       wait: bool = True) -> Model:
-        if spec.name in self.models:
+                       wait: bool = True, keep_failed: bool = False) -> Model:
+        """`keep_failed`: a source that cannot be fetched leaves the model FAILED with the
+        reason (ping 500), as at startup; otherwise it is a 400 to the register call."""
+        if spec.name in self.models or self.fetching.get(spec.name, "") is None:
             raise E.Conflict(f"model {spec.name!r} is already registered")
+        self.fetching[spec.name] = None
         try:
-            cfg = load_model_config(spec.name, spec.model_dir, overrides=overrides)
-        except ConfigError as e:
+            # On a thread: fetching an s3:// or hub source can take minutes, and /ping must
+            # keep answering meanwhile.
+            cfg = await asyncio.to_thread(
+                load_model_config, spec.name, spec.model_dir, overrides=overrides,
+                source=spec.source, cache_dir=self.server.cache_dir if self.server else None)
+        except SourceError as e:
+            log.error("model %s: %s", spec.name, e)
+            if keep_failed:
+                self.fetching[spec.name] = str(e)
+                raise E.ModelFailure(str(e)) from None
+            del self.fetching[spec.name]
             raise E.BadRequest(str(e)) from None
+        except ConfigError as e:
+            del self.fetching[spec.name]
+            raise E.BadRequest(str(e)) from None
+        del self.fetching[spec.name]
         try:
             model = Model(cfg, server=self.server)
         except (LayoutError, ValueError) as e:
@@ -88,6 +108,9 @@ class ModelManager:
         return model
 
     async def unregister(self, name: str) -> None:
+        if self.fetching.get(name) is not None:  # its source failed: nothing runs to stop
+            del self.fetching[name]
+            return
         model = self.get(name)
         del self.models[name]
         self.created.pop(name, None)
@@ -179,10 +202,14 @@ async def predictions(request: web.Request) -> web.StreamResponse:
 async def ping(request: web.Request) -> web.Response:
     mgr: ModelManager = request.app["models"]
     statuses = {name: m.status for name, m in mgr.models.items()}
+    failures = {name: m.failure for name, m in mgr.models.items() if m.failure}
+    for name, reason in mgr.fetching.items():
+        statuses[name] = ModelStatus.LOADING if reason is None else ModelStatus.FAILED
+        if reason is not None:
+            failures[name] = reason
     body = {name: {"status": s.value} for name, s in statuses.items()}
-    for name, m in mgr.models.items():
-        if m.failure:
-            body[name]["error"] = m.failure
+    for name, reason in failures.items():
+        body[name]["error"] = reason
     if any(s is ModelStatus.FAILED for s in statuses.values()):
         return json_response(body, status=500)
     if mgr.starting or not statuses or any(s is not ModelStatus.READY for s in statuses.values()):
@@ -298,7 +325,15 @@ async def _load_startup_models(app: web.Application, specs: list[ModelSpec] | No
     try:
         if specs is None:
             specs = [await _prepare_default_model(app["server_config"].cache_dir)]
-        await asyncio.gather(*(mgr.register(s, wait=False) for s in specs))
+        results = await asyncio.gather(
+            *(mgr.register(s, wait=False, keep_failed=True) for s in specs),
+            return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        # A source that could not be fetched leaves its model FAILED (ping 500 says why) and
+        # the server up; a configuration error stops the server, as before.
+        for e in errors:
+            if not isinstance(e, E.ModelFailure):
+                raise e
     except (ConfigError, E.LmcError) as e:
         log.error("startup failed: %s", e)
         app["startup_error"] = str(e)
