@@ -116,3 +116,48 @@ def model_dir(tmp_path: Path, fixture: str, properties: str = "") -> Path:
     if properties:
         (dst / "serving.properties").write_text(properties)
     return dst
+
+
+class MotoServer:
+    """`with MotoServer() as env:` runs moto's S3-compatible server on a free loopback port and
+    gives the environment boto3 needs to reach it (also set in os.environ while it runs)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.env = {"AWS_ENDPOINT_URL_S3": self.url, "AWS_ACCESS_KEY_ID": "test",
+                    "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+        self.proc: subprocess.Popen | None = None
+        self._saved: dict[str, str | None] = {}
+
+    def __enter__(self) -> dict[str, str]:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self._saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(self.url, timeout=1).close()
+                return self.env
+            except OSError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    self.__exit__()
+                    raise RuntimeError("the moto server did not start")
+                time.sleep(0.2)
+
+    def cpu_s(self) -> float:
+        """CPU seconds the server process has used (user + system)."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        for k, v in self._saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

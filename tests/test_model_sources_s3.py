@@ -10,48 +10,22 @@ import os
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 from engines.sources import SourceError, fetch
 from engines.sources import s3 as s3src
-from server_utils import LmcServer, free_port
+from server_utils import LmcServer, MotoServer
 
 BUCKET = "models"
 
 
 @pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    """A moto S3 server on 127.0.0.1 and the environment boto3 needs to reach it."""
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    env = {"AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(env["AWS_ENDPOINT_URL_S3"], timeout=1)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("moto server did not start")
-                time.sleep(0.2)
+def moto():
+    with MotoServer() as env:
         s3src.client().create_bucket(Bucket=BUCKET)
         yield env
-    finally:
-        proc.terminate()
-        proc.wait(10)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def upload(folder: Path, prefix: str) -> None:
