@@ -179,9 +179,11 @@ def _check_engine_reads(choice: EngineChoice, options: Mapping[str, Setting]) ->
             f"remove the key, or select the engine that reads it ({hint})")
 
 
-def _fetched(value: str, source: str, cache_dir: str) -> Path:
-    """A remote model fetched, checked to hold something LMC can serve."""
-    local = sources.fetch(value, cache_dir=cache_dir, source=source)
+def _fetched(value: str, source: str, cache_dir: str, revision: Setting | None) -> Path:
+    """A remote model fetched, checked to hold something LMC can serve. `revision`
+    (HF_REVISION / option.revision) pins a hub id's revision."""
+    local = sources.fetch(value, cache_dir=cache_dir, source=source,
+                          revision=revision.value if revision else None)
     if not any((local / f).is_file() for f in ("config.json", "model.py", PROPERTIES_FILE)):
         raise sources.SourceError(
             f"{source}={value}: what arrived ({local}) has no config.json, no model.py and no "
@@ -221,15 +223,17 @@ def load_model_config(name: str, model_dir: str | Path, env: Mapping[str, str] |
     calls it on a thread. Fetch failures raise SourceError."""
     env = os.environ if env is None else env
     cache_dir = cache_dir or load_server_options(env).cache_dir
-    if sources.is_remote(str(model_dir)):
-        model_dir = _fetched(str(model_dir), source, cache_dir)
     settings = environment_settings(env)
+    revision = settings.get("option.revision")
+    if sources.is_remote(str(model_dir)):
+        model_dir = _fetched(str(model_dir), source, cache_dir, revision)
     settings.update(read_properties_file(Path(model_dir)))
     for k, v in (overrides or {}).items():
         settings[k] = Setting(str(v), "the register request")
     model_id = settings.get("option.model_id")
     if model_id is not None and model_id.value and sources.is_remote(model_id.value):
-        local = _fetched(model_id.value, "option.model_id", cache_dir)
+        local = _fetched(model_id.value, "option.model_id", cache_dir,
+                         settings.get("option.revision"))
         settings["option.model_id"] = Setting(str(local), f"{model_id.source}, fetched from "
                                                           f"{model_id.value}")
     gpus = count_gpus(env) if gpus is None else gpus

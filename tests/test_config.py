@@ -176,11 +176,16 @@ def test_model_resolution_order(tmp_path):
                           sagemaker_dir=str(sm)) is None  # -> the default model
 
 
-def test_hub_id_and_s3_rejected_clearly(tmp_path):
-    with pytest.raises(ConfigError, match="only local model directories"):
-        resolve_models(model_dir=None, model_store=None,
-                       env={"HF_MODEL_ID": "HuggingFaceTB/SmolLM2-135M"},
-                       sagemaker_dir=str(tmp_path / "none"))
+def test_hub_ids_s3_and_archives_are_sources_fetched_at_registration(tmp_path):
+    none = str(tmp_path / "none")
+    for value, name in [("HuggingFaceTB/SmolLM2-135M", "SmolLM2-135M"),
+                        ("s3://bucket/models/smollm2/", "smollm2")]:
+        [spec] = resolve_models(model_dir=None, model_store=None, env={"HF_MODEL_ID": value},
+                                sagemaker_dir=none)
+        assert (spec.name, spec.model_dir, spec.source) == (name, value, "HF_MODEL_ID")
+    (tmp_path / "model.tar.gz").write_bytes(b"")
+    [spec] = resolve_models(model_dir=str(tmp_path / "model.tar.gz"), model_store=None, env={})
+    assert spec.name == "model"
     with pytest.raises(ConfigError, match="is not a directory"):
         resolve_models(model_dir=str(tmp_path / "missing"), model_store=None, env={})
 

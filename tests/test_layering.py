@@ -21,6 +21,8 @@ FRONT_END_ENGINE_MODULES = {
     "engines", "engines.contracts", "engines.contracts.engine", "engines.contracts.errors",
     "engines.contracts.names", "engines.contracts.protocol", "engines.options",
     "engines.selection", "engines.types", "engines.native", "engines.native.spec",
+    "engines.sources", "engines.sources.errors", "engines.sources.hub",
+    "engines.sources.archive", "engines.sources.s3",
 }
 
 
@@ -60,6 +62,8 @@ def test_worker_side_imports_no_front_end():
 
 @pytest.mark.parametrize("module", ["engines.native.scheduler", "engines.native.block_manager",
                                     "engines.native.plan", "engines.contracts.protocol",
-                                    "engines.options", "engines.selection", "engines.detokenizer"])
+                                    "engines.options", "engines.selection", "engines.detokenizer",
+                                    "engines.sources.s3", "engines.sources.archive",
+                                    "engines.sources.hub"])
 def test_pure_python_modules_never_import_torch(module):
     assert not ours(imported_after(module), "torch")

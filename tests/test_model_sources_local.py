@@ -8,7 +8,6 @@ snapshot_download), and sockets refuse to connect while they run.
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import json
 import os
@@ -19,6 +18,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from tiny_models import hub_cache_layout
 
 from engines.sources import archive as archive_mod
 from engines.sources import hub
@@ -338,20 +338,8 @@ def hub_cache(tmp_path, monkeypatch, no_network) -> Path:
 
 def cache_repo(cache: Path, repo_id: str, *, ref: str | None = "main", commit: str = COMMIT,
                tag: str = "v1") -> Path:
-    """A repo as huggingface_hub caches it: files in blobs/ named by their hash, the snapshot's
-    files relative symlinks to them, and refs/<name> holding the commit (no newline)."""
-    repo = cache / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir(exist_ok=True)
-    for name, data in {"config.json": json.dumps({"tag": tag}), "tokenizer.json": "{}"}.items():
-        blob = hashlib.sha256(data.encode()).hexdigest()
-        (repo / "blobs" / blob).write_text(data)
-        (snapshot / name).symlink_to(f"../../blobs/{blob}")
-    if ref is not None:
-        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-    return snapshot
+    files = {"config.json": json.dumps({"tag": tag}).encode(), "tokenizer.json": b"{}"}
+    return hub_cache_layout(cache, repo_id, files, commit=commit, ref=ref)
 
 
 def test_a_cached_repo_resolves_to_its_snapshot(hub_cache):

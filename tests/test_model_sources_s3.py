@@ -171,3 +171,8 @@ def test_serving_from_s3_with_properties_in_the_prefix(moto, tmp_path_factory):
     with LmcServer([], env=env, timeout_s=60, wait_status=500) as srv:
         body = srv.request("GET", "/ping").json()
         assert "no config.json, no model.py" in body["notamodel"]["error"]
+    # After the fix (the model uploaded where the variable points), the next start serves it.
+    upload(d, "notamodel/")
+    with LmcServer([], env=env, timeout_s=180) as srv:
+        assert srv.post("/invocations", {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
+                        ).status == 200

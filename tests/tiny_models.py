@@ -145,3 +145,26 @@ def make_tiny_model(
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
     return path
+
+
+def hub_cache_layout(cache: Path, repo_id: str, files: dict[str, bytes], *, commit: str,
+                     ref: str | None = "main") -> Path:
+    """A repo as huggingface_hub caches it: files in blobs/ named by their hash, the snapshot's
+    files relative symlinks to them, refs/<name> holding the commit (no newline). Returns the
+    snapshot dir."""
+    import hashlib
+
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    for name, data in files.items():
+        blob = hashlib.sha256(data).hexdigest()
+        (repo / "blobs" / blob).write_bytes(data)
+        (snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        depth = "../" * (len(Path(name).parts) + 1)
+        (snapshot / name).symlink_to(f"{depth}blobs/{blob}")
+    if ref is not None:
+        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+        (repo / "refs" / ref).write_text(commit)
+    return snapshot

@@ -63,7 +63,13 @@ def fetch(value: str, *, cache_dir: str | Path, source: str,
         from engines.sources.hub import looks_like_hub_id, resolve_hub
 
         if looks_like_hub_id(value):
-            return resolve_hub(value, revision=revision, source=source)
+            try:
+                return resolve_hub(value, revision=revision, source=source)
+            except SourceError as e:
+                if "/" in value:
+                    raise
+                # A bare name may have been meant as a directory.
+                raise SourceError(f"{e} ({value!r} is not a local directory either)") from None
     except SourceError as e:
         if str(e).startswith(f"{source}"):
             raise
