@@ -176,3 +176,29 @@ def test_serving_from_s3_with_properties_in_the_prefix(moto, tmp_path_factory):
     with LmcServer([], env=env, timeout_s=180) as srv:
         assert srv.post("/invocations", {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
                         ).status == 200
+
+
+@pytest.mark.e2e
+def test_smollm2_served_from_s3(moto, tmp_path):
+    """The real default model uploaded under a prefix, with a serving.properties and a nested
+    key of its own, served from S3 as option.model_id users configure it."""
+    from engines.default_model import prepare_default_model
+
+    smol = Path(prepare_default_model(progress=False))
+    c = s3src.client()
+    for f in sorted(smol.iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            c.upload_file(str(f), BUCKET, f"smollm2/{f.name}")
+    c.put_object(Bucket=BUCKET, Key="smollm2/serving.properties",
+                 Body=b"option.max_rolling_batch_size=4\n")
+    c.put_object(Bucket=BUCKET, Key="smollm2/extra/README.md", Body=b"nested keys come along")
+    env = {**moto, "HF_MODEL_ID": f"s3://{BUCKET}/smollm2/", "LMC_CACHE": str(tmp_path)}
+    with LmcServer([], env=env, timeout_s=300) as srv:
+        r = srv.post("/invocations", {"inputs": "The capital of France is",
+                                      "parameters": {"max_new_tokens": 16}})
+        assert r.status == 200 and "Paris" in r.json()["generated_text"], r.body
+        described = srv.request("GET", "/models/smollm2").json()[0]
+        assert described["status"] == "Healthy"
+    local = s3src.cache_dir_for(f"s3://{BUCKET}/smollm2/", tmp_path)
+    assert (local / "extra" / "README.md").read_bytes() == b"nested keys come along"
+    assert (local / "model.safetensors").stat().st_size == (smol / "model.safetensors").stat().st_size
