@@ -122,7 +122,8 @@ class MotoServer:
     """`with MotoServer() as env:` runs moto's S3-compatible server on a free loopback port and
     gives the environment boto3 needs to reach it (also set in os.environ while it runs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, server_env: dict[str, str] | None = None) -> None:
+        self.server_env = server_env or {}  # e.g. INITIAL_NO_AUTH_ACTION_COUNT=0: IAM checks on
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {"AWS_ENDPOINT_URL_S3": self.url, "AWS_ACCESS_KEY_ID": "test",
@@ -133,13 +134,16 @@ class MotoServer:
     def __enter__(self) -> dict[str, str]:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, **self.server_env})
         self._saved = {k: os.environ.get(k) for k in self.env}
         os.environ.update(self.env)
         deadline = time.monotonic() + 30
         while True:
             try:
                 urllib.request.urlopen(self.url, timeout=1).close()
+                return self.env
+            except urllib.error.HTTPError:  # it answers (e.g. 403 with IAM checks on): up
                 return self.env
             except OSError:
                 if time.monotonic() > deadline or self.proc.poll() is not None:

@@ -141,6 +141,14 @@ def test_errors_name_the_source_and_the_fix(moto, tmp_path, url, needle):
     assert str(e.value).startswith(f"HF_MODEL_ID={url}")
 
 
+def test_access_denied_is_a_clear_error(tmp_path):
+    """A server that checks credentials (moto with IAM on), and keys it does not know."""
+    with MotoServer(server_env={"INITIAL_NO_AUTH_ACTION_COUNT": "0"}):
+        with pytest.raises(SourceError, match=r"^HF_MODEL_ID=s3://locked/m/: access denied "
+                                              r"\(InvalidAccessKeyId\).*s3:ListBucket"):
+            fetch("s3://locked/m/", cache_dir=tmp_path, source="HF_MODEL_ID")
+
+
 def test_disk_full_is_a_clear_error(moto, model_files, tmp_path, monkeypatch):
     upload(model_files, "full/")
     calls = Calls()

@@ -71,9 +71,12 @@ def fetch(value: str, *, cache_dir: str | Path, source: str,
                 # A bare name may have been meant as a directory.
                 raise SourceError(f"{e} ({value!r} is not a local directory either)") from None
     except SourceError as e:
-        if str(e).startswith(f"{source}"):
+        message = str(e)
+        if message.startswith(source):
             raise
-        raise SourceError(f"{source}={value}: {e}") from None
+        if message.startswith(value):  # said once is enough
+            message = message[len(value):].lstrip(": ")
+        raise SourceError(f"{source}={value}: {message}") from None
     raise SourceError(f"{source}={value!r} is not a directory, a .tar.gz archive, an s3:// URL "
                       f"or a Hugging Face hub id")
 
