@@ -210,3 +210,30 @@ def test_smollm2_served_from_s3(moto, tmp_path):
     local = s3src.cache_dir_for(f"s3://{BUCKET}/smollm2/", tmp_path)
     assert (local / "extra" / "README.md").read_bytes() == b"nested keys come along"
     assert (local / "model.safetensors").stat().st_size == (smol / "model.safetensors").stat().st_size
+
+
+def test_ping_answers_loading_while_the_model_downloads(moto, tmp_path_factory):
+    from tiny_models import make_tiny_llama
+
+    d = make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
+    (d / "padding.bin").write_bytes(os.urandom(192 * 1024 * 1024))  # a download that takes a while
+    upload(d, "slow/tiny/")
+    env = {**moto, "HF_MODEL_ID": f"s3://{BUCKET}/slow/tiny/",
+           "LMC_CACHE": str(tmp_path_factory.mktemp("cache"))}
+    seen = []
+    with LmcServer([], env=env, wait_status=None) as srv:
+        deadline = time.monotonic() + 180
+        while time.monotonic() < deadline:
+            try:
+                t0 = time.monotonic()
+                r = srv.request("GET", "/ping", timeout=2)  # SageMaker's health-check timeout
+                seen.append((r.status, r.json(), time.monotonic() - t0))
+                if r.status == 200:
+                    break
+            except OSError:  # not listening yet
+                pass
+            time.sleep(0.05)
+    statuses = [s for s, _, _ in seen]
+    assert statuses[-1] == 200, seen[-3:]
+    assert {"tiny": {"status": "Loading"}} in [body for s, body, _ in seen if s == 503], seen
+    assert max(t for _, _, t in seen) < 2
