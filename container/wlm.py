@@ -216,9 +216,13 @@ class Model:
                 await slots.acquire()
                 jobs = await collect_batch(self.queue, batch_size, max_delay_s,
                                            idle_timeout_s=idle_s)
+                collected = bool(jobs)
+                # A job that timed out or was aborted while queued already has its answer:
+                # running it would generate in full for nobody.
+                jobs = [j for j in jobs if not j.done.done()]
                 if not jobs:
                     slots.release()
-                    if running:
+                    if running or collected:
                         continue
                     log.info("model %s: worker %d idle for %ss, stopping", self.name, w.id, idle_s)
                     break
@@ -267,6 +271,9 @@ class Model:
         try:
             async with asyncio.timeout(self.config.predict_timeout_s):
                 return await job.response
+        except asyncio.CancelledError:  # the route went away (client gone, shutdown)
+            self.abort(job)
+            raise
         except TimeoutError:
             self.abort(job)
             raise PredictTimeout(f"model {self.name!r} did not answer within "

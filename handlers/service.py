@@ -152,7 +152,12 @@ class ModelService:
             error = (f"Invalid output type: handle() returned {type(out).__name__}; "
                      "return an Output or None")
             return [failed_result(424, "Invalid output type", error) for _ in range(n)]
-        return _split_output(out, n)
+        try:
+            return _split_output(out, n)
+        except Exception as e:  # the handler's mistake: that request's 424, never a dead worker
+            logger.exception("handler %s returned an Output that cannot be sent", self.source)
+            error = f"handler returned an unusable Output: {type(e).__name__}: {e}"
+            return [failed_result(424, "Invalid output", error) for _ in range(n)]
 
 
 # ---- splitting an Output back into per-request results ---------------------------------------
@@ -184,6 +189,11 @@ def _split_output(out: Output, n: int) -> list[ItemResult]:
         # LMC extension: property "batch_%03d_code" gives one item of a batch its own status
         # (e.g. 400 for one bad request among good ones); it is not sent as a header.
         code = headers[i].pop(ITEM_CODE_PROPERTY, None)
+        if code and not (code.isdigit() and 100 <= int(code) <= 599):
+            results.append(failed_result(424, "Invalid output", (
+                f"handler set property {ITEM_CODE_PROPERTY!r}={code!r} for batch item {i}; it "
+                f"must be an HTTP status code (100-599)")))
+            continue
         results.append(ItemResult(int(code) if code else out.code, out.message, headers[i], body))
     return results
 

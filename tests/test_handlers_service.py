@@ -205,6 +205,13 @@ def test_handler_error_table():
     assert handler_error(ValidationError("inputs", "too long"))[:2] == (400, "ValidationError")
 
 
+def test_an_unusable_item_status_is_that_requests_424_not_a_dead_worker(modes):
+    [r] = modes.invoke([item("", X_Mode="bad_code")])
+    assert r.code == 424 and "'code'='teapot'" in error_body(r)["error"]
+    [r] = modes.invoke([item("")])  # the service still answers
+    assert (r.code, r.body) == (200, b"ok")
+
+
 def test_output_code_and_error_pass_through(modes):
     [r] = modes.invoke([item("", X_Mode="code")])
     assert (r.code, r.message, r.body) == (201, "Created", b"made")

@@ -358,6 +358,20 @@ def test_predict_timeout_gives_504(tmp_path):
         assert time.monotonic() - t < 2
 
 
+def test_a_job_that_timed_out_in_the_queue_never_reaches_the_worker(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    d = model_dir(tmp_path, "echo", "option.predict_timeout=0.5\n")
+    with LmcServer(["--model-dir", str(d)]) as s, ThreadPoolExecutor(2) as pool:
+        busy = pool.submit(s.post, "/invocations", {"sleep": 1.0})  # holds the one worker
+        time.sleep(0.1)
+        queued = pool.submit(s.post, "/invocations", {"sleep": 3})  # waits in the queue
+        assert busy.result().status == 504 and queued.result().status == 504
+        time.sleep(0.8)  # the worker is free again; had it taken the queued job, it would
+        r = s.post("/invocations", {"after": 1})  # sleep 3 s more and this would time out
+        assert r.status == 200 and r.json()["echo"] == {"after": 1}
+
+
 def test_client_disconnect_aborts_stream_in_worker(tmp_path):
     d = model_dir(tmp_path, "echo")
     with LmcServer(["--model-dir", str(d)]) as s:
