@@ -257,3 +257,23 @@ def test_max_num_seqs_bounds_running(max_seqs):
         sched.add(s)
     done, model = run_all(sched, {i: 3 for i in range(6)})
     assert len(done) == 6 and model.max_batch == max_seqs
+
+
+def test_prefix_cache_keys_are_keyed_digests_not_python_hash():
+    """Blocks are found by a keyed BLAKE2b digest of (parent digest, token ids): collision-
+    resistant, chained through the prefix, and keyed per process (not precomputable)."""
+    import subprocess
+    import sys
+
+    from engines.native.block_manager import block_digest
+
+    a = block_digest(None, [1, 2, 3, 4])
+    assert len(a) == 16 and a == block_digest(None, [1, 2, 3, 4])
+    assert a != block_digest(None, [1, 2, 3, 5])
+    assert block_digest(a, [5, 6]) != block_digest(None, [5, 6])  # the parent is part of it
+    assert block_digest(a, [5, 6]) != block_digest(block_digest(None, [9]), [5, 6])
+    code = ("from engines.native.block_manager import block_digest; "
+            "print(block_digest(None, [1, 2, 3, 4]).hex())")
+    other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                           check=True).stdout.strip()
+    assert other != a.hex()  # another process, another key

@@ -14,16 +14,31 @@ freed first), so a prefix stays cached after its sequence ends.
 
 from __future__ import annotations
 
+import hashlib
+import secrets
+from array import array
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+# Prefix-cache keys are keyed BLAKE2b digests of (parent digest, token ids), not Python's
+# hash(): a crafted prompt must not collide with another user's blocks and reuse their KV
+# (vLLM fixed the same class of bug as a CVE). The key is random per process, so digests
+# cannot be precomputed offline. 16 bytes: a collision needs ~2^64 blocks.
+_DIGEST_KEY = secrets.token_bytes(16)
+
+
+def block_digest(parent: bytes | None, token_ids: Sequence[int]) -> bytes:
+    h = hashlib.blake2b(parent or b"", digest_size=16, key=_DIGEST_KEY)
+    h.update(array("q", token_ids).tobytes())
+    return h.digest()
 
 
 @dataclass
 class Block:
     id: int
     ref_count: int = 0
-    hash: int | None = None  # set once the block is full and registered for prefix caching
+    hash: bytes | None = None  # set once the block is full and registered for prefix caching
 
 
 @dataclass
@@ -34,7 +49,7 @@ class BlockTable:
     # Number of leading full blocks whose hashes are registered (their content is final).
     num_hashed: int = 0
     # Hash of the last registered block (the parent for the next one).
-    last_hash: int | None = None
+    last_hash: bytes | None = None
 
 
 class BlockManager:
@@ -48,7 +63,7 @@ class BlockManager:
         # first (dict order = insertion order), then cached ones least recently freed first.
         self._free_uncached: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._free_cached: OrderedDict[int, None] = OrderedDict()
-        self._by_hash: dict[int, int] = {}  # block hash -> block id
+        self._by_hash: dict[bytes, int] = {}  # block digest -> block id
         self.tables: dict[int, BlockTable] = {}  # sequence id -> its blocks
         # Counters for tests and metrics.
         self.prefix_hit_tokens = 0
@@ -80,11 +95,11 @@ class BlockManager:
         assert seq_id not in self.tables, f"sequence {seq_id} already has blocks"
         bs = self.block_size
         hits: list[int] = []
-        parent: int | None = None
+        parent: bytes | None = None
         if self.enable_prefix_caching and use_prefix_cache:
             # Full blocks only, and never the block holding the last prompt token.
             for i in range((len(token_ids) - 1) // bs):
-                h = hash((parent, tuple(token_ids[i * bs:(i + 1) * bs])))
+                h = block_digest(parent, token_ids[i * bs:(i + 1) * bs])
                 bid = self._by_hash.get(h)
                 if bid is None:
                     break
@@ -132,7 +147,7 @@ class BlockManager:
         bs = self.block_size
         while (table.num_hashed + 1) * bs <= num_computed:
             i = table.num_hashed
-            h = hash((table.last_hash, tuple(token_ids[i * bs:(i + 1) * bs])))
+            h = block_digest(table.last_hash, token_ids[i * bs:(i + 1) * bs])
             bid = table.blocks[i]
             block = self.blocks[bid]
             existing = self._by_hash.get(h)
