@@ -164,6 +164,24 @@ def test_links_inside_the_archive_are_kept(tmp_path):
     assert (got / "same").read_bytes() == b"x"
 
 
+def test_without_tarfile_filters_chains_are_refused_and_inside_links_kept(tmp_path,
+                                                                          monkeypatch):
+    """Pythons before 3.11.4 without the PEP 706 backport: the member checks stand alone."""
+    monkeypatch.setattr(archive_mod, "_HAS_FILTERS", False)
+    chain = tar_members(
+        tmp_path / "chain.tar.gz", member("x", tarfile.DIRTYPE),
+        member("x/y", tarfile.SYMTYPE, ".."), member("x/y/y2", tarfile.SYMTYPE, ".."),
+        member("x/y/y2/escaped"))
+    with pytest.raises(SourceError, match=r"member 'x/y/y2' goes through the symlink 'x/y'"):
+        extract_archive(chain, tmp_path / "cache", source=SOURCE)
+    assert not list(tmp_path.rglob("escaped"))
+    hub_like = tar_members(
+        tmp_path / "hub.tar.gz", member("blobs/abc"),
+        member("snap/weights", tarfile.SYMTYPE, "../blobs/abc"))
+    got = extract_archive(hub_like, tmp_path / "cache", source=SOURCE)
+    assert (got / "snap/weights").read_bytes() == b"x"
+
+
 def write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path

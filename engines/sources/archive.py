@@ -40,6 +40,11 @@ _MODEL_FILES = ("config.json", "model.py")
 _END_OF_ARCHIVE = bytes(tarfile.BLOCKSIZE)
 _GZIP_MAGIC = b"\x1f\x8b"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+# tarfile's extraction filters (PEP 706) come with 3.11.4, and with distributions' patched 3.11
+# (Debian bookworm's 3.11.2, the image's base, carries the backport). Without them the checks
+# below stand alone, and also refuse any member reached through an earlier symlink.
+_HAS_FILTERS = hasattr(tarfile, "data_filter")
+_FilterError = getattr(tarfile, "FilterError", ())
 
 
 def extract_archive(archive: Path, cache_root: Path, *, source: str) -> Path:
@@ -151,13 +156,14 @@ def _extract(archive: Path, dest: Path, source: str) -> None:
             recorder = _Recorder(stream)
             with tarfile.open(fileobj=recorder, mode="r:") as tar:
                 members.tar = tar
-                tar.extractall(dest, members=members, filter="data")
+                tar.extractall(dest, members=members,
+                               **({"filter": "data"} if _HAS_FILTERS else {}))
             if recorder.last != _END_OF_ARCHIVE:
                 raise tarfile.ReadError("it ends before tar's end-of-archive marker")
             # gzip checks its CRC and length only at the end of the stream.
             while recorder.read(1 << 20):
                 pass
-    except tarfile.FilterError as e:
+    except _FilterError as e:
         raise _unsafe(archive, source, e.tarinfo.name,
                       f"would be written outside the extraction dir ({e})") from None
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as e:
@@ -178,14 +184,35 @@ class _CheckedMembers:
         self.tar: tarfile.TarFile | None = None
         self.current = ""
         self.count = 0
+        self.symlinks: set[str] = set()  # used only without tarfile's filters
 
     def __iter__(self) -> Iterator[tarfile.TarInfo]:
         assert self.tar is not None
         for member in self.tar:
             self.current = member.name
             _check_member(member, self.archive, self.source)
+            if not _HAS_FILTERS:
+                self._check_chain(member)
             self.count += 1
             yield member
+
+    def _check_chain(self, member: tarfile.TarInfo) -> None:
+        """Without the data filter: nothing may be written or point through a symlink the
+        archive made, since that is how chains of links lead outside."""
+        name = posixpath.normpath(member.name)
+        paths = [name]
+        if member.issym() or member.islnk():
+            base = posixpath.dirname(name) if member.issym() else ""
+            paths.append(posixpath.normpath(posixpath.join(base, member.linkname)))
+        for path in paths:
+            parts = path.split("/")
+            through = next((p for p in ("/".join(parts[:i]) for i in range(1, len(parts) + 1))
+                            if p in self.symlinks), None)
+            if through is not None:
+                raise _unsafe(self.archive, self.source, member.name,
+                              f"goes through the symlink {through!r} the archive made")
+        if member.issym():
+            self.symlinks.add(name)
 
 
 def _check_member(member: tarfile.TarInfo, archive: Path, source: str) -> None:
