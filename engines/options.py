@@ -289,10 +289,11 @@ class HandlerOptions:
     entry_point: str | None = opt("option.entryPoint", None,
                                   "handler: a file, a module or an LMI built-in name",
                                   env=("OPTION_ENTRYPOINT",))
-    model_id: str | None = opt("option.model_id", None, "the model: a local directory",
+    model_id: str | None = opt("option.model_id", None,
+                               "the model: a local dir, s3:// prefix, .tar.gz or hub id",
                                env=("HF_MODEL_ID",), default_text="the model dir")
     revision: str | None = opt("option.revision", None,
-                               "model revision (unused for local directories)",
+                               "hub revision (branch, tag or commit) of a hub id",
                                env=("HF_REVISION",))
     # Accepted so LMI configs load; LMC loads models with transformers' own classes and never
     # runs code shipped with a model, whatever this says.
