@@ -20,6 +20,8 @@ from aiohttp import web
 
 from engines.contracts import errors as E
 from container import invoke, llm_routes, sagemaker_runtime
+from container.access import (allowed_networks, check_model_dir, management,
+                              model_roots)
 from container.config import ModelSpec, load_model_config
 from engines.options import ConfigError, ServerOptions
 from engines.sources import SourceError
@@ -237,6 +239,7 @@ async def register_model(request: web.Request) -> web.Response:
     if not path.is_dir():
         raise E.BadRequest(f"url={url!r} is not a local directory (only local model "
                            f"directories can be registered on this build)")
+    check_model_dir(path, model_roots(request.app["server_config"]))
     name = request.query.get("model_name") or path.name
     overrides: dict[str, str] = {}
     for q, key in (("batch_size", "batch_size"), ("max_batch_delay", "max_batch_delay"),
@@ -293,11 +296,12 @@ def build_app(server_config: ServerOptions, manager: ModelManager | None = None)
     r.add_post("/predictions/{model}", predictions)
     r.add_post("/predictions/{model}/{version}", predictions)
     r.add_post("/models/{model}/invoke", predictions)
-    r.add_get("/models", list_models)
-    r.add_post("/models", register_model)
-    r.add_get("/models/{model}", describe_model)
-    r.add_put("/models/{model}", scale_model)
-    r.add_delete("/models/{model}", unregister_model)
+    app["management_networks"] = allowed_networks(server_config.management_allow)
+    r.add_get("/models", management(list_models))
+    r.add_post("/models", management(register_model))
+    r.add_get("/models/{model}", management(describe_model))
+    r.add_put("/models/{model}", management(scale_model))
+    r.add_delete("/models/{model}", management(unregister_model))
     llm_routes.add_routes(r)
     sagemaker_runtime.add_routes(r)
     return app

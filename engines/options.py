@@ -211,6 +211,15 @@ class ServerOptions:
     model_store: str | None = opt("server.model_store", None,
                                   "directory whose subfolders are models, one each",
                                   env=("SERVING_MODEL_STORE",))
+    # The management API loads and runs a model dir's model.py: by default only this machine may
+    # call it, and only from the model roots (TorchServe's management-API CVEs, "ShellTorch").
+    management_allow: str = opt("server.management_allow", "127.0.0.0/8,::1/128",
+                                "client networks (CIDR, comma-separated) or any that may call "
+                                "the management API", env=("LMC_MANAGEMENT_ALLOW",))
+    allowed_urls: str | None = opt("server.allowed_urls", None,
+                                   "directories (comma-separated) POST /models may register from",
+                                   env=("LMC_ALLOWED_URLS",),
+                                   default_text="the model store and /opt/ml/model")
 
 
 def load_server_options(env: Mapping[str, str] | None = None, *, host: str | None = None,

@@ -30,5 +30,7 @@ def tiny_llm_server(tmp_path_factory):
     from tiny_models import make_tiny_llama
 
     d = make_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama")
-    with LmcServer(["--model-dir", str(d)], timeout_s=180) as s:
+    # The notebooks register packages they unpack under pytest's temp dirs.
+    env = {"LMC_ALLOWED_URLS": str(tmp_path_factory.getbasetemp())}
+    with LmcServer(["--model-dir", str(d)], env=env, timeout_s=180) as s:
         yield s

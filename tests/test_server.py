@@ -293,7 +293,7 @@ def test_unknown_config_key_fails_startup(tmp_path):
 def test_management_api(tmp_path):
     a = model_dir(tmp_path / "a", "echo")
     b = model_dir(tmp_path / "b", "echo")
-    with LmcServer(["--model-dir", str(a)]) as s:
+    with LmcServer(["--model-dir", str(a)], env={"LMC_ALLOWED_URLS": str(tmp_path / "b")}) as s:
         r = s.request("POST", f"/models?url={b}&model_name=second&batch_size=2"
                               f"&max_batch_delay=10&min_worker=1&max_worker=2")
         assert r.status == 200, r.body
@@ -313,6 +313,9 @@ def test_management_api(tmp_path):
         assert r.status == 400 and "/no/such/dir" in r.json()["message"]
         r = s.request("POST", f"/models?url={b}&model_name=third&synchronous=false")
         assert r.status == 202
+        # Outside LMC_ALLOWED_URLS: refused, saying which option allows it.
+        r = s.request("POST", f"/models?url={a}&model_name=fourth")
+        assert r.status == 403 and "LMC_ALLOWED_URLS" in r.json()["message"]
         assert s.request("DELETE", "/models/second").status == 200
         assert s.request("GET", "/models/second").status == 404
         assert s.post("/predictions/second", {"x": 2}).status == 404
@@ -389,3 +392,21 @@ def test_client_disconnect_aborts_stream_in_worker(tmp_path):
 
         # The single worker was freed by the abort, not by finishing the 5 s stream.
         assert asyncio.run(run()) < 1.5
+
+
+def test_management_api_answers_only_allowed_client_networks(tmp_path):
+    """Default: loopback only. Here only 127.0.0.2 may manage; a client on 127.0.0.1 (another
+    loopback address stands in for a remote host) gets 403, while inference stays open."""
+    import http.client
+
+    d = model_dir(tmp_path, "echo")
+    with LmcServer(["--model-dir", str(d)], env={"LMC_MANAGEMENT_ALLOW": "127.0.0.2/32"}) as s:
+        r = s.request("GET", "/models")
+        assert r.status == 403 and "LMC_MANAGEMENT_ALLOW" in r.json()["message"]
+        assert s.request("DELETE", "/models/echo").status == 403
+        assert s.post("/invocations", {"x": 1}).status == 200
+        conn = http.client.HTTPConnection("127.0.0.1", s.port, timeout=10,
+                                          source_address=("127.0.0.2", 0))
+        conn.request("GET", "/models")
+        assert conn.getresponse().status == 200
+        conn.close()

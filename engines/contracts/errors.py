@@ -55,6 +55,10 @@ class UnsupportedMediaType(LmcError):
     status, type = 415, "UnsupportedMediaType"
 
 
+class Forbidden(LmcError):
+    status, type = 403, "Forbidden"
+
+
 class ModelNotFound(LmcError):
     status, type = 404, "ModelNotFound"
 
@@ -110,6 +114,7 @@ class OutOfMemory(LmcError):
 # HTTPException, or a worker response code). Kept next to the classes so the table is one place.
 STATUS_TYPES: dict[int, str] = {
     400: BadRequest.type,
+    403: Forbidden.type,
     404: RouteNotFound.type,
     405: MethodNotAllowed.type,
     409: Conflict.type,
