@@ -18,21 +18,16 @@ from aiohttp import web
 
 from container.config import SAGEMAKER_MODEL_DIR
 from engines.contracts import errors as E
-from engines.options import ConfigError, ServerOptions
+from engines.options import ServerOptions
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def allowed_networks(spec: str) -> list[Network] | None:
-    """LMC_MANAGEMENT_ALLOW: CIDRs, comma-separated; "any" (None) allows every client."""
-    if spec.strip().lower() == "any":
+    """LMC_MANAGEMENT_ALLOW as checked by engines.options.parse_networks; "any" is None."""
+    if spec == "any":
         return None
-    try:
-        return [ipaddress.ip_network(part.strip(), strict=False)
-                for part in spec.split(",") if part.strip()]
-    except ValueError as e:
-        raise ConfigError(f"LMC_MANAGEMENT_ALLOW={spec!r}: {e}; give CIDRs such as "
-                          f"127.0.0.0/8,10.0.0.0/8, or any") from None
+    return [ipaddress.ip_network(part) for part in spec.split(",")]
 
 
 def model_roots(server: ServerOptions) -> list[Path]:

@@ -21,7 +21,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any
 
 from container.groups import count_gpus, resolve_tp
 from engines import sources
@@ -100,6 +99,14 @@ class ModelConfig(ServingOptions):
     # The default LLM handler's options and engine, decided at startup; None for a custom
     # model.py (or a model dir with nothing the default handler can load: the worker says so).
     llm: LLMPlan | None = None
+    # The GPUs counted when the config was loaded: the engine plan and the worker layout use
+    # the same list (and nvidia-smi runs once).
+    gpus: tuple[str, ...] = ()
+
+    @property
+    def tp(self) -> int:
+        """tensor_parallel_degree resolved against the devices ("max": all of them)."""
+        return resolve_tp(self.tensor_parallel_degree, len(self.gpus))
 
     def init_properties(self) -> dict[str, str]:
         """What the handler's warm-up call receives (LMI: options without prefix + basics)."""
@@ -154,7 +161,7 @@ def _llm_plan(model_dir: str, serving: ServingOptions, settings: Mapping[str, Se
     engine_dir = resolve_model_dir(model_dir, handler)
     if engine_dir is None:
         return None
-    tp = resolve_tp(serving.tensor_parallel_degree, len(gpus))
+    tp = resolve_tp(serving.tensor_parallel_degree, len(gpus))  # as ModelConfig.tp
     choice = select_engine(engine_dir, handler, settings, djl_engine=serving.engine,
                            batch_size=serving.batch_size, tp=tp, cuda=bool(gpus))
     _check_engine_reads(choice, options)
@@ -198,16 +205,13 @@ def build_model_config(name: str, model_dir: str | Path, settings: Mapping[str, 
     workers = _worker_counts(settings, device)
     serving = _link_workers(parse_options(ServingOptions, {**settings, **workers}), workers)
     options = {k[len("option."):]: s.value for k, s in settings.items() if k.startswith("option.")}
+    gpus = [] if gpus is None else gpus
     llm = None
     entry = settings.get("option.entryPoint")
     if uses_default_llm_handler(Path(model_dir), entry.value if entry else None):
-        llm = _llm_plan(str(model_dir), serving, settings, gpus=[] if gpus is None else gpus)
-    return ModelConfig(**_fields(serving), name=name, model_dir=str(model_dir),
-                       options=MappingProxyType(options), llm=llm)
-
-
-def _fields(options: Any) -> dict[str, Any]:
-    return {f.name: getattr(options, f.name) for f in dataclasses.fields(options)}
+        llm = _llm_plan(str(model_dir), serving, settings, gpus=gpus)
+    return ModelConfig(**vars(serving), name=name, model_dir=str(model_dir),
+                       options=MappingProxyType(options), llm=llm, gpus=tuple(gpus))
 
 
 def load_model_config(name: str, model_dir: str | Path, env: Mapping[str, str] | None = None,

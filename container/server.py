@@ -85,14 +85,14 @@ class ModelManager:
         except SourceError as e:
             log.error("model %s: %s", spec.name, e)
             if keep_failed:
-                self.fetching[spec.name] = str(e)
+                self.fetching[spec.name] = str(e)  # stays: /ping reports it FAILED
                 raise E.ModelFailure(str(e)) from None
-            del self.fetching[spec.name]
             raise E.BadRequest(str(e)) from None
         except ConfigError as e:
-            del self.fetching[spec.name]
             raise E.BadRequest(str(e)) from None
-        del self.fetching[spec.name]
+        finally:
+            if self.fetching.get(spec.name, "") is None:
+                del self.fetching[spec.name]
         try:
             model = Model(cfg, server=self.server)
         except (LayoutError, ValueError) as e:
@@ -135,8 +135,8 @@ def json_response(obj, status: int = 200, headers: dict | None = None) -> web.Re
 
 
 def error_response(status: int, message: str, type_: str | None = None,
-                   headers: dict | None = None) -> web.Response:
-    return web.Response(body=E.error_body(status, message, type_), status=status,
+                   headers: dict | None = None, *, field: str | None = None) -> web.Response:
+    return web.Response(body=E.error_body(status, message, type_, field=field), status=status,
                         content_type=_JSON, headers=headers)
 
 
@@ -158,8 +158,8 @@ async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except E.LmcError as e:
-        return web.Response(body=E.exception_body(e), status=e.status, content_type=_JSON,
-                            headers=e.headers or None)
+        return error_response(e.status, e.message, e.type, e.headers or None,
+                              field=getattr(e, "field", None))
     except web.HTTPException as e:
         if e.status < 400:
             raise

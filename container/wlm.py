@@ -25,7 +25,7 @@ import time
 
 from container.batcher import collect_batch
 from container.config import ModelConfig
-from container.groups import GroupSpec, count_gpus, plan_groups, resolve_tp
+from container.groups import GroupSpec, plan_groups
 from container.jobs import Job
 from container.worker_process import Worker, WorkerState
 from engines.contracts import protocol as P
@@ -63,8 +63,8 @@ class Model:
         self.ever_ready = False
         # Tensor-parallel layout: each worker is a group of `tp` ranks on its own device slice.
         # Without GPUs and TP=1 any number of workers fit (None: unconstrained).
-        gpus = count_gpus()
-        self.tp = resolve_tp(config.tensor_parallel_degree, len(gpus))
+        gpus = list(config.gpus)
+        self.tp = config.tp
         self.device_groups: list[GroupSpec] | None = None
         if gpus or self.tp > 1:
             self.device_groups = plan_groups(tp=self.tp, gpus=gpus,

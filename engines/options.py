@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import os
 import typing
 from collections.abc import Callable, Mapping
@@ -112,6 +113,20 @@ def parse_tp(text: str) -> int | str:
     return value
 
 
+def parse_networks(text: str) -> str:
+    """LMC_MANAGEMENT_ALLOW: CIDRs, comma-separated, or "any"; checked here, kept as text."""
+    import ipaddress
+
+    if text.strip().lower() == "any":
+        return "any"
+    try:
+        nets = [ipaddress.ip_network(p.strip(), strict=False) for p in text.split(",") if p.strip()]
+    except ValueError as e:
+        raise ValueError(f"is not a list of CIDRs ({e}); e.g. 127.0.0.0/8,10.0.0.0/8, or any") \
+            from None
+    return ",".join(map(str, nets))
+
+
 def parse_value(o: Opt, kind: str, text: str) -> Any:
     """`text` as the field's type; ValueError says why not (without the key)."""
     if o.parse is not None:
@@ -148,13 +163,15 @@ def _kind(annotation: Any) -> str:
     return next((_KINDS[a] for a in args if a in _KINDS), "str")
 
 
-def fields_of(cls: type) -> list[FieldSpec]:
+@functools.cache
+def fields_of(cls: type) -> tuple[FieldSpec, ...]:
     """The configured fields of an options class, in declaration order."""
     hints = typing.get_type_hints(cls)
-    return [FieldSpec(f.name, _kind(hints[f.name]), f.default, f.metadata["opt"])
-            for f in dataclasses.fields(cls) if "opt" in f.metadata]
+    return tuple(FieldSpec(f.name, _kind(hints[f.name]), f.default, f.metadata["opt"])
+                 for f in dataclasses.fields(cls) if "opt" in f.metadata)
 
 
+@functools.cache
 def keys_of(cls: type) -> frozenset[str]:
     return frozenset(f.opt.key for f in fields_of(cls))
 
@@ -215,7 +232,8 @@ class ServerOptions:
     # call it, and only from the model roots (TorchServe's management-API CVEs, "ShellTorch").
     management_allow: str = opt("server.management_allow", "127.0.0.0/8,::1/128",
                                 "client networks (CIDR, comma-separated) or any that may call "
-                                "the management API", env=("LMC_MANAGEMENT_ALLOW",))
+                                "the management API", env=("LMC_MANAGEMENT_ALLOW",),
+                                parse=parse_networks)
     allowed_urls: str | None = opt("server.allowed_urls", None,
                                    "directories (comma-separated) POST /models may register from",
                                    env=("LMC_ALLOWED_URLS",),

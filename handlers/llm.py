@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from engines.contracts.engine import Capabilities, Engine
-from engines.contracts.errors import error_body, invalid_json
+from engines.contracts.errors import exception_body, invalid_json
 from engines.contracts.names import API_PROPERTY, ITEM_CODE_PROPERTY
 from engines.options import OUTPUT_FORMATS, HandlerOptions
 from engines.registry import create_engine
@@ -54,6 +54,7 @@ from handlers import llm_formats as fmt
 from handlers.inputs import Input, batch_key
 from handlers.llm_schema import Api, LLMRequest, parse_request
 from handlers.outputs import Output
+from handlers.ranks import rank_and_world
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +130,7 @@ class LLMHandler:
             index = i if inputs.is_batch() else None
             if isinstance(request, ValidationError):
                 n_errors += 1
-                self._add(output, _error_body(request), index, fmt.JSON)
+                self._add(output, exception_body(request), index, fmt.JSON)
                 if index is not None:  # this item alone is a 400 (see handlers/service.py)
                     output.add_property(batch_key(index, ITEM_CODE_PROPERTY), "400")
                 continue
@@ -382,10 +383,6 @@ def _decode_body(item: Input) -> Any:
         raise invalid_json(exc) from exc
 
 
-def _error_body(error: ValidationError) -> bytes:
-    return error_body(error.status, error.message, error.type, field=error.field)
-
-
 def _cuda_available() -> bool:
     import torch
 
@@ -394,6 +391,4 @@ def _cuda_available() -> bool:
 
 def _group_size() -> int:
     """The worker group's size (what tensor_parallel_degree=max means here)."""
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    return rank_and_world()[1]

@@ -16,15 +16,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from engines.sources.errors import SourceError
+from engines.sources.errors import ARCHIVE_SUFFIXES, SourceError
+from engines.sources.errors import is_archive_name as _is_archive
 
-ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-
-__all__ = ["SourceError", "fetch", "is_remote"]
-
-
-def _is_archive(value: str) -> bool:
-    return value.lower().endswith(ARCHIVE_SUFFIXES)
+__all__ = ["ARCHIVE_SUFFIXES", "SourceError", "fetch", "is_remote"]
 
 
 def _local(value: str) -> str:

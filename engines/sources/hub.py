@@ -17,10 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from engines.sources.errors import SourceError
+from engines.sources.errors import SourceError, is_archive_name
 
 _TRUE = {"1", "ON", "YES", "TRUE"}  # huggingface_hub's own spelling of a true variable
-_NOT_HUB = (".tar.gz", ".tgz", ".tar")
 # huggingface_hub's rules (utils.validate_repo_id): [namespace/]name, each 1-96 of
 # [A-Za-z0-9_.-], starting and ending with [A-Za-z0-9_], no "--" or "..", not ending in ".git".
 _PART = r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]{0,94}[A-Za-z0-9_])?"
@@ -30,7 +29,7 @@ _DOWNLOAD = "hf download"  # `huggingface-cli download` before huggingface_hub 1
 
 def looks_like_hub_id(value: str) -> bool:
     """Whether `value` reads as a hub repo id rather than a path, an archive or a URL."""
-    if "://" in value or value.lower().endswith(_NOT_HUB):
+    if "://" in value or is_archive_name(value):
         return False
     if not _REPO_ID.fullmatch(value) or "--" in value or ".." in value or value.endswith(".git"):
         return False
