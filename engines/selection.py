@@ -31,7 +31,6 @@ from engines.options import (ENGINE_OPTIONS, NOT_IN_THIS_BUILD, ConfigError, Dee
 log = logging.getLogger("lmc.engines")
 
 EngineOptions = NativeOptions | HFOptions | DeepSpeedOptions
-NATIVE_NAMES = frozenset({"auto", "native", "lmi-dist", "scheduler"})
 
 
 @dataclass(frozen=True)

@@ -23,9 +23,6 @@ from typing import Any, Protocol, runtime_checkable
 
 from engines.types import GenerationResult, SamplingParams, TokenEvent
 
-# A prompt as an engine takes it: token ids (what the handler sends, tokenized once), or text.
-Prompt = "list[int] | str"
-
 
 class TPMode(str, enum.Enum):
     """How the ranks of a tensor-parallel worker group share the work."""
