@@ -128,9 +128,12 @@ def test_streamed_custom_output_arrives_chunked(echo_server):
 
     arrivals = asyncio.run(run())
     assert [a[1]["chunk"] for a in arrivals] == [0, 1, 2, 3, 4]
-    # Each chunk reached the client right after it was produced, not all at the end.
-    lags = [t_recv - c["t"] for t_recv, c in arrivals]
-    assert max(lags) < 0.15, lags
+    # Each chunk reached the client before the handler produced the next one (0.2 s later),
+    # not all at the end; a bound relative to production, so a busy CI box cannot fail it.
+    received = [t for t, _ in arrivals]
+    produced = [c["t"] for _, c in arrivals]
+    assert all(r < p for r, p in zip(received, produced[1:])), (received, produced)
+    assert received[-1] - produced[-1] < 0.5, (received, produced)
     assert arrivals[-1][0] - arrivals[0][0] > 0.6
 
 
