@@ -345,6 +345,27 @@ _TP = dict(key="option.tensor_parallel_degree", default=1,
            env=("TENSOR_PARALLEL_DEGREE", "SM_NUM_GPUS"))
 
 
+# LoRA (engines/lora/): read by the engines that serve adapters, native and hf.
+_ENABLE_LORA = dict(key="option.enable_lora", default=False,
+                    meaning="serve LoRA adapters (see Multi-LoRA)")
+_MAX_LORAS = dict(key="option.max_loras", default=4,
+                  meaning="adapters in one batch (device weight slots)", minimum=1)
+_MAX_CPU_LORAS = dict(key="option.max_cpu_loras", default=None,
+                      meaning="adapters kept loaded in host memory (LRU)", minimum=1,
+                      default_text="max_loras")
+_MAX_LORA_RANK = dict(key="option.max_lora_rank", default=16,
+                      meaning="largest adapter rank accepted", minimum=1, maximum=1024)
+
+
+def _lora_kwargs(o: Any) -> dict[str, Any]:
+    """The engines' LoRA constructor arguments; none while LoRA is off."""
+    if not o.enable_lora:
+        return {}
+    return {"enable_lora": True, "max_loras": o.max_loras,
+            "max_cpu_loras": max(o.max_cpu_loras or o.max_loras, o.max_loras),
+            "max_lora_rank": o.max_lora_rank}
+
+
 def _opt(spec: dict[str, Any], **override: Any) -> Any:
     spec = {**spec, **override}
     return opt(spec.pop("key"), spec.pop("default"), spec.pop("meaning"), **spec)
@@ -373,6 +394,10 @@ class NativeOptions:
                                  "decode attention: triton (paged kernel) or torch",
                                  choices=("auto", "triton", "torch"))
     enforce_eager: bool = opt("option.enforce_eager", False, "true: no CUDA graphs")
+    enable_lora: bool = _opt(_ENABLE_LORA)
+    max_loras: int = _opt(_MAX_LORAS)
+    max_cpu_loras: int | None = _opt(_MAX_CPU_LORAS)
+    max_lora_rank: int = _opt(_MAX_LORA_RANK)
 
     def engine_kwargs(self) -> dict[str, Any]:
         """NativeEngine's constructor arguments."""
@@ -390,6 +415,7 @@ class NativeOptions:
             kw["kv_cache_gb"] = self.cpu_kv_cache_gb
         if self.enforce_eager:
             kw["cuda_graphs"] = False
+        kw.update(_lora_kwargs(self))
         return kw
 
 
@@ -398,9 +424,13 @@ class HFOptions:
     """transformers, one static batch per call (engines/hf/)."""
 
     dtype: str = _opt(_DTYPE)
+    enable_lora: bool = _opt(_ENABLE_LORA)
+    max_loras: int = _opt(_MAX_LORAS)
+    max_cpu_loras: int | None = _opt(_MAX_CPU_LORAS)
+    max_lora_rank: int = _opt(_MAX_LORA_RANK)
 
     def engine_kwargs(self) -> dict[str, Any]:
-        return {"dtype": self.dtype}
+        return {"dtype": self.dtype, **_lora_kwargs(self)}
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -168,3 +168,42 @@ def hub_cache_layout(cache: Path, repo_id: str, files: dict[str, bytes], *, comm
         (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
         (repo / "refs" / ref).write_text(commit)
     return snapshot
+
+
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_LINEAR_MODULES = ATTENTION_MODULES + ("gate_proj", "up_proj", "down_proj")
+
+
+def make_tiny_lora(base_dir: str | Path, path: str | Path, *, r: int = 8, alpha: int = 16,
+                   targets: tuple[str, ...] = ALL_LINEAR_MODULES, seed: int = 0,
+                   use_rslora: bool = False, scale: float = 0.3, safetensors: bool = True,
+                   **config_extra) -> Path:
+    """A PEFT LoRA adapter for the model in `base_dir`, saved as PEFT saves it, with random
+    non-zero A *and* B (PEFT initialises B to zero, which would make every adapter a no-op and
+    every test of it pass)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    config = LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets), lora_dropout=0.0,
+                        use_rslora=use_rslora, task_type="CAUSAL_LM", **config_extra)
+    model = get_peft_model(base, config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    model.save_pretrained(str(path), safe_serialization=safetensors)
+    return Path(path)
+
+
+def merged_lora_model(base_dir: str | Path, adapter_dir: str | Path):
+    """The reference for an adapter: HF transformers with the PEFT adapter merged into the
+    base weights (merge_and_unload), fp32, eval mode."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=torch.float32)
+    return PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload().eval()

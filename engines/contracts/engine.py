@@ -7,6 +7,10 @@ between engines is stated in `capabilities`, never probed with hasattr:
                      static batch per call, as `hf`); > 1: continuous batching, the worker runs
                      that many request threads and the engine batches them token by token.
     tp_mode          how a tensor-parallel worker group runs it (TPMode below).
+    lora             serves LoRA adapters (option.enable_lora): generate/generate_stream take
+                     `adapters` (a name per prompt, None for the base model) and the engine has
+                     add_adapter / update_adapter / remove_adapter / list_adapters /
+                     merge_adapters (`LoraEngine` below).
 
 An engine that batches continuously is usually built as a `SteppedEngine` (add_request / step /
 abort) wrapped by a loop that gives it the thread-safe `Engine` API (engines/native/loop.py).
@@ -40,6 +44,7 @@ class TPMode(str, enum.Enum):
 class Capabilities:
     max_concurrency: int = 1
     tp_mode: TPMode = TPMode.NONE
+    lora: bool = False
 
     def __post_init__(self) -> None:
         assert self.max_concurrency >= 1, self.max_concurrency
@@ -61,11 +66,12 @@ class Engine(Protocol):
     def apply_chat_template(self, messages: list[dict[str, Any]], *,
                             add_generation_prompt: bool = True) -> str: ...
 
-    def generate(self, prompts: list[list[int] | str],
-                 params: list[SamplingParams]) -> list[GenerationResult]: ...
+    def generate(self, prompts: list[list[int] | str], params: list[SamplingParams],
+                 adapters: list[str | None] | None = None) -> list[GenerationResult]: ...
 
-    def generate_stream(self, prompts: list[list[int] | str],
-                        params: list[SamplingParams]) -> Iterator[list[TokenEvent]]: ...
+    def generate_stream(self, prompts: list[list[int] | str], params: list[SamplingParams],
+                        adapters: list[str | None] | None = None
+                        ) -> Iterator[list[TokenEvent]]: ...
 
     def follow(self) -> None:
         """TPMode.ENGINE, ranks > 0: run rank 0's steps until it shuts down (blocks)."""
@@ -89,3 +95,22 @@ class SteppedEngine(Protocol):
     def abort(self, rid: object) -> None: ...
 
     def has_unfinished(self) -> bool: ...
+
+
+@runtime_checkable
+class LoraEngine(Protocol):
+    """What an engine with `capabilities.lora` adds (native, hf). Names are the registry's;
+    errors are engines.contracts.errors' AdapterNotFound (404), InvalidAdapter (400),
+    Conflict (409) and NoAdapterSlot (507)."""
+
+    def add_adapter(self, name: str, src: str, *, pin: bool = False,
+                    preload: bool = True) -> dict[str, Any]: ...
+
+    def update_adapter(self, name: str, *, src: str | None = None, pin: bool | None = None,
+                       preload: bool | None = None) -> dict[str, Any]: ...
+
+    def remove_adapter(self, name: str) -> dict[str, Any]: ...
+
+    def list_adapters(self) -> list[dict[str, Any]]: ...
+
+    def merge_adapters(self, names: list[str], weights: list[float]) -> str: ...

@@ -110,6 +110,28 @@ class OutOfMemory(LmcError):
     status, type = 507, "OutOfMemory"
 
 
+# ---- LoRA adapters ----------------------------------------------------------------------------
+
+
+class AdapterNotFound(LmcError):
+    """A request or management call named an adapter this model does not have."""
+
+    status, type = 404, "AdapterNotFound"
+
+
+class InvalidAdapter(ValidationError):
+    """An adapter LMC cannot apply (DoRA, modules_to_save, a shape that does not fit the base
+    model, ...): refused at registration, naming the field, never served as the base model."""
+
+    type = "InvalidAdapter"
+
+
+class NoAdapterSlot(OutOfMemory):
+    """Every adapter slot is pinned (or the host cache is full of pinned adapters)."""
+
+    type = "NoAdapterSlot"
+
+
 # HTTP status -> error type for errors that reach us as bare status codes (aiohttp's own
 # HTTPException, or a worker response code). Kept next to the classes so the table is one place.
 STATUS_TYPES: dict[int, str] = {
@@ -159,6 +181,9 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 # (matches, status, type, HTTP reason), first match wins; the message is the exception's own.
 _HANDLER_ERRORS: tuple[tuple[Callable[[BaseException], bool], int, str, str], ...] = (
     (lambda e: isinstance(e, ValidationError), 400, ValidationError.type, "Bad Request"),
+    (lambda e: isinstance(e, AdapterNotFound), 404, AdapterNotFound.type, "Not Found"),
+    (lambda e: isinstance(e, NoAdapterSlot), 507, NoAdapterSlot.type, "no free adapter slot"),
+    (lambda e: isinstance(e, Conflict), 409, Conflict.type, "Conflict"),
     (_is_out_of_memory, 507, OutOfMemory.type, "out of memory"),
 )
 _DEFAULT_HANDLER_ERROR = (424, ModelFailure.type, "prediction failure")
@@ -168,7 +193,8 @@ def handler_error(exc: BaseException) -> tuple[int, str, str]:
     """(status, type, HTTP reason) for an exception raised by a handler or its engine."""
     for matches, status, type_, reason in _HANDLER_ERRORS:
         if matches(exc):
-            return status, type_, reason
+            # A subclass keeps its own type (InvalidAdapter is a ValidationError).
+            return status, getattr(exc, "type", type_) if isinstance(exc, LmcError) else type_, reason
     return _DEFAULT_HANDLER_ERROR
 
 

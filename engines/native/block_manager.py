@@ -5,7 +5,9 @@ Pure Python (no torch): it hands out block ids; the model runner owns the tensor
 A sequence's KV cache is a list of block ids (its block table); token i lives in block
 table[i // block_size] at offset i % block_size. A block that is completely filled with tokens
 gets a hash of (hash of the previous block, its token ids), so two sequences whose prompts share
-a prefix share its full blocks: the second one finds them by hash and skips computing them.
+a prefix share its full blocks: the second one finds them by hash and skips computing them. The
+first block's parent is the sequence's salt (its LoRA adapter), so an adapter's blocks are only
+ever shared with requests on the same adapter.
 Freed blocks keep their hash and content until the block is handed out again (least recently
 freed first), so a prefix stays cached after its sequence ends.
 
@@ -84,18 +86,19 @@ class BlockManager:
     # -- allocation ----------------------------------------------------------------------------
 
     def allocate(self, seq_id: int, token_ids: Sequence[int], num_tokens: int, *,
-                 use_prefix_cache: bool = True) -> int | None:
+                 use_prefix_cache: bool = True, salt: bytes | None = None) -> int | None:
         """Give a new sequence room for its first `num_tokens` tokens (its prompt, or the first
         chunk of it), reusing cached full blocks of `token_ids`' prefix.
 
         Returns how many leading tokens are already in the cache (a multiple of block_size,
         always < len(token_ids) so at least one token is computed to get logits), or None if the
         free blocks do not suffice (nothing is changed then). `use_prefix_cache=False` reuses
-        nothing, for a sequence that needs every position computed."""
+        nothing, for a sequence that needs every position computed. `salt` is the parent of the
+        first block's digest: sequences with different salts (LoRA adapters) share no block."""
         assert seq_id not in self.tables, f"sequence {seq_id} already has blocks"
         bs = self.block_size
         hits: list[int] = []
-        parent: bytes | None = None
+        parent: bytes | None = salt
         if self.enable_prefix_caching and use_prefix_cache:
             # Full blocks only, and never the block holding the last prompt token.
             for i in range((len(token_ids) - 1) // bs):

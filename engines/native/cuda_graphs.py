@@ -13,6 +13,10 @@ sequence owns) and write their own key/value there, so they touch nothing real. 
 lengths and block tables from device memory (paged_attention.py), so one graph serves any mix of
 sequence lengths up to `max_blocks` blocks.
 
+With LoRA, each row's adapter slot is one more static input ([max_batch] int32, 0 for the base
+model and for padding) that the gathered LoRA kernel reads, so one graph serves any mix of
+adapters too.
+
 Without CUDA (tests), `capture=False` runs the same padded static path eagerly, which is what
 CPU CI checks against transformers.
 """
@@ -25,6 +29,7 @@ from collections.abc import Sequence
 
 import torch
 
+from engines.native.lora import LoraSlots, StepLora
 from engines.native.model import LlamaModel, StepBatch
 from engines.native.plan import PlanChunk
 
@@ -41,7 +46,8 @@ def bucket_sizes(max_batch: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: LlamaModel, kv_cache, *, block_size: int, max_batch: int,
-                 max_blocks: int, scratch_block: int, capture: bool) -> None:
+                 max_blocks: int, scratch_block: int, capture: bool,
+                 lora: LoraSlots | None = None) -> None:
         self.model, self.kv_cache = model, kv_cache
         self.block_size, self.max_blocks = block_size, max_blocks
         self.sizes = bucket_sizes(max_batch)
@@ -57,6 +63,13 @@ class DecodeGraphs:
         self.tables = torch.full((n, max_blocks), scratch_block, dtype=torch.int32, device=dev)
         self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
         self.rows = torch.arange(n, device=dev)
+        self.lora = lora
+        self.lora_rows = torch.zeros(n, dtype=torch.int32, device=dev)
+        self.lora_kernel = None
+        if lora is not None:
+            from engines.native.lora_kernels import lora_delta
+
+            self.lora_kernel = lora_delta
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         if capture:
@@ -73,6 +86,8 @@ class DecodeGraphs:
             decode_mask=None,
             prefills=[],
             decode_seq_lens=self.seq_lens[:size],
+            lora=(StepLora(self.lora, [], self.lora_rows[:size], self.lora_kernel)
+                  if self.lora is not None else None),
         )
 
     def _forward(self, size: int) -> torch.Tensor:
@@ -125,6 +140,9 @@ class DecodeGraphs:
         self.positions[:size].copy_(head[1], non_blocking=True)
         self.slot_mapping[:size].copy_(head[2], non_blocking=True)
         self.seq_lens[:size].copy_(head[3], non_blocking=True)
+        if self.lora is not None:
+            slots = [c.lora_slot for c in chunks] + [0] * pad
+            self.lora_rows[:size].copy_(torch.tensor(slots, dtype=torch.int32), non_blocking=True)
         width = max(-(-n // bs) for n in lens)
         # Shorter rows' tables are padded to the longest; the kernel stops at each row's length.
         tables = torch.tensor([c.block_table[:width] + [0] * (width - len(c.block_table))

@@ -30,6 +30,8 @@ from pathlib import Path
 import torch
 
 from engines.detokenizer import TextStream
+from engines.lora.slots import SlotTable
+from engines.lora.store import AdapterRecord, AdapterStore
 from engines.native.block_manager import BlockManager
 from engines.native.model import LlamaModel
 from engines.native.spec import read_spec
@@ -68,7 +70,9 @@ class NativeEngine(TokenizerMixin):
                  block_size: int = 16, num_blocks: int | None = None,
                  kv_cache_gb: float | None = None, gpu_memory_utilization: float = 0.9,
                  enable_prefix_caching: bool = True, tp_size: int = 1,
-                 attention_backend: str = "auto", cuda_graphs: bool | None = None) -> None:
+                 attention_backend: str = "auto", cuda_graphs: bool | None = None,
+                 enable_lora: bool = False, max_loras: int = 4, max_cpu_loras: int | None = None,
+                 max_lora_rank: int = 16) -> None:
         from transformers import AutoTokenizer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -101,14 +105,34 @@ class NativeEngine(TokenizerMixin):
             num_blocks = self.tp.min_int(num_blocks)
         self.block_manager = BlockManager(num_blocks, block_size,
                                           enable_prefix_caching=enable_prefix_caching)
+        # LoRA: adapters by name and their host-memory cache (any thread), the device slots
+        # (engine thread), and the slot tensors the runner fills.
+        self.lora_store: AdapterStore | None = None
+        self.lora_slots: SlotTable | None = None
+        lora_tensors = None
+        if enable_lora:
+            from engines.lora.weights import load_any
+            from engines.native.lora import LoraSlots
+
+            tp_rank, tp_world = (self.tp.rank, self.tp.size) if self.tp else (0, 1)
+            self.lora_store = AdapterStore(
+                spec, max_rank=max_lora_rank, max_cpu_loras=max_cpu_loras or max_loras,
+                load=lambda p: load_any(p, spec, max_rank=max_lora_rank, dtype=self.dtype,
+                                        device=self.device, tp_rank=tp_rank, tp_size=tp_world))
+            self.lora_slots = SlotTable(max_loras)
+            lora_tensors = LoraSlots(self.model, max_loras=max_loras, max_rank=max_lora_rank)
         self.scheduler = Scheduler(self.block_manager, max_num_seqs=max_num_seqs,
-                                   max_num_batched_tokens=max_num_batched_tokens)
+                                   max_num_batched_tokens=max_num_batched_tokens,
+                                   lora=self.lora_slots)
         # One sequence can never hold more tokens than the whole KV pool: past that it would be
         # preempted and re-admitted forever, so such a sequence ends with "length" instead.
         self.max_context = min(self.max_context, num_blocks * block_size)
         self.runner = ModelRunner(self.model, num_blocks=num_blocks, block_size=block_size,
                                   attention=attention_backend, cuda_graphs=cuda_graphs,
-                                  max_batch=max_num_seqs, max_context=self.max_context)
+                                  max_batch=max_num_seqs, max_context=self.max_context,
+                                  lora=lora_tensors,
+                                  lora_loader=(self.lora_store.weights if self.lora_store
+                                               else None))
         self._requests: dict[int, _Request] = {}
         self._by_rid: dict[object, int] = {}
         self._seq_ids = itertools.count()
@@ -116,9 +140,11 @@ class NativeEngine(TokenizerMixin):
         self._want_prompt_lps: set[int] = set()
         self._stopped = False
         log.info("native engine: %s %s on %s, %d KV blocks of %d tokens, %s decode attention"
-                 "%s%s", spec.architecture, self.dtype, self.device, num_blocks, block_size,
+                 "%s%s%s", spec.architecture, self.dtype, self.device, num_blocks, block_size,
                  self.runner.attention, ", CUDA graphs" if self.runner.graphs else "",
-                 f", tensor-parallel rank {self.tp.rank} of {self.tp.size}" if self.tp else "")
+                 f", tensor-parallel rank {self.tp.rank} of {self.tp.size}" if self.tp else "",
+                 f", LoRA: {max_loras} slots of rank {max_lora_rank} "
+                 f"({lora_tensors.nbytes() / 2**20:.0f} MiB)" if lora_tensors else "")
 
     # -- setup helpers --------------------------------------------------------------------------
 
@@ -160,13 +186,21 @@ class NativeEngine(TokenizerMixin):
 
     # -- continuous batching API ----------------------------------------------------------------
 
-    def add_request(self, rid: object, prompt: str | list[int], params: SamplingParams) -> None:
+    def add_request(self, rid: object, prompt: str | list[int], params: SamplingParams,
+                    adapter: AdapterRecord | None = None) -> None:
+        """`adapter`: a LoRA adapter of `lora_store` (None: the base model)."""
         ids = prompt_ids(prompt, params, encode=self.encode, vocab_size=self.vocab_size,
                          max_context=self.max_context)
         sid = next(self._seq_ids)
         stops = self.eos_token_ids if not params.ignore_eos_token else frozenset()
         stop_ids = frozenset(stops) | frozenset(params.stop_token_ids)
-        req = _Request(rid, Sequence(sid, ids), params,
+        seq = Sequence(sid, ids)
+        if adapter is not None:
+            if self.lora_slots is None:
+                raise ValueError("LoRA is not enabled on this engine (option.enable_lora=true)")
+            seq.adapter = adapter.uid
+            seq.cache_salt = b"lora:" + adapter.uid.to_bytes(8, "little")
+        req = _Request(rid, seq, params,
                        TextStream(self._decode, params.stop_sequences,
                                   min_new_tokens=params.min_new_tokens),
                        RowState(params, ids, stop_ids, device=self.device))
@@ -189,14 +223,28 @@ class NativeEngine(TokenizerMixin):
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work
 
+    # -- LoRA slots (engine thread; the store's registry is thread-safe on its own) -------------
+
+    def pin_adapter(self, record: AdapterRecord) -> bool:
+        """Give the adapter a slot for good; False when every slot is pinned or in use."""
+        return self.lora_slots.pin(record.uid) is not None
+
+    def unpin_adapter(self, record: AdapterRecord) -> None:
+        self.lora_slots.unpin(record.uid)
+
+    def drop_adapter(self, record: AdapterRecord) -> None:
+        """Unregistered: its slot frees now, or when the last request using it ends."""
+        self.lora_slots.remove(record.uid)
+
     def step(self) -> list[tuple[object, TokenEvent]]:
         """One engine step: (request id, event) for every request that produced a token.
 
         Schedule -> run -> update: the scheduler picks the chunks, the runner computes them
         and samples (tensors stay behind it), the update turns its plain lists into events.
-        Future features go behind these three calls, not into this method:
-          LoRA                  a per-chunk adapter slot in the plan; the runner applies that
-                                adapter's weights to the chunk's rows.
+        Features go behind these three calls, not into this method:
+          LoRA                  the scheduler admits a sequence once its adapter has a slot;
+                                the plan carries each chunk's slot and the slot loads; the
+                                runner applies the weights to the chunk's rows.
           structured output     the grammar's mask state on the request's RowState; the
                                 runner's sampling applies the mask, the update advances it.
           speculative decoding  the scheduler schedules draft tokens, the runner verifies
@@ -214,7 +262,11 @@ class NativeEngine(TokenizerMixin):
     def _plan(self, scheduled: SchedulerOutput) -> StepPlan:
         """The step's plan, sent to the other ranks first with tensor parallelism."""
         tables = {c.seq_id: self.block_manager.block_table(c.seq_id) for c in scheduled.chunks}
-        plan = make_plan(scheduled, self.scheduler.seqs, tables, self._want_prompt_lps)
+        loads = None
+        if self.lora_slots is not None:
+            loads = [(slot, uid, self.lora_store.by_uid(uid).path)
+                     for slot, uid in self.lora_slots.take_loads()]
+        plan = make_plan(scheduled, self.scheduler.seqs, tables, self._want_prompt_lps, loads)
         if self.tp is not None:
             self.tp.broadcast(plan)
         return plan

@@ -7,8 +7,13 @@ the iterator early (the client went away) aborts the request: its KV blocks are 
 engine's next step.
 
 Threads and the loop talk in small frozen messages: request threads put commands (AddRequest,
-AbortRequest, StopLoop) on the loop's one queue; the loop puts StepEvent / RequestFailed on the
-requesting thread's own queue.
+AbortRequest, CallOnLoop, StopLoop) on the loop's one queue; the loop puts StepEvent /
+RequestFailed on the requesting thread's own queue.
+
+LoRA adapters: registering one reads and checks it on the calling thread (and loads it into
+host memory when preloaded); a request on an adapter makes sure its weights are in host memory
+on the request thread before it is queued. The engine thread only copies weights into a slot,
+so loading an adapter never stalls the requests of others.
 
 With tensor parallelism only rank 0's loop runs a thread; on the other ranks the worker calls
 `follow()`, which runs the steps rank 0 broadcasts until rank 0's `shutdown()`.
@@ -23,7 +28,12 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from concurrent.futures import Future
+from typing import Any, Callable
+
 from engines.contracts.engine import Capabilities, TPMode
+from engines.contracts.errors import NoAdapterSlot, ValidationError
+from engines.lora.store import AdapterRecord
 from engines.prompt import prompt_ids
 from engines.types import GenerationResult, SamplingParams, TokenEvent, collect_results
 
@@ -39,6 +49,7 @@ class AddRequest:
     params: SamplingParams
     out: queue.SimpleQueue  # the requesting thread's queue: StepEvent / RequestFailed
     index: int  # the prompt's place in its generate_stream call (TokenEvent.index)
+    adapter: AdapterRecord | None = None  # its LoRA adapter (None: the base model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,11 +58,19 @@ class AbortRequest:
 
 
 @dataclass(frozen=True, slots=True)
+class CallOnLoop:
+    """Run `fn(engine)` on the loop thread between steps; its result or error goes to `done`."""
+
+    fn: Callable[[Any], Any]
+    done: Future
+
+
+@dataclass(frozen=True, slots=True)
 class StopLoop:
     """Fail what still runs, shut the engine down (releasing TP followers), end the thread."""
 
 
-Command = AddRequest | AbortRequest | StopLoop
+Command = AddRequest | AbortRequest | CallOnLoop | StopLoop
 
 
 # -- outputs: the loop thread -> a request thread's queue --------------------------------------
@@ -83,7 +102,8 @@ class EngineLoop:
         self.vocab_size = engine.vocab_size
         self.capabilities = Capabilities(
             max_concurrency=engine.scheduler.max_num_seqs,
-            tp_mode=TPMode.ENGINE if engine.tp is not None else TPMode.NONE)
+            tp_mode=TPMode.ENGINE if engine.tp is not None else TPMode.NONE,
+            lora=engine.lora_store is not None)
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._running: dict[int, AddRequest] = {}  # loop thread only: requests in the engine
         self._keys = itertools.count()
@@ -120,22 +140,43 @@ class EngineLoop:
 
     # -- request side (any thread) --------------------------------------------------------------
 
-    def generate_stream(self, prompts: list[str | list[int]],
-                        params: list[SamplingParams]) -> Iterator[list[TokenEvent]]:
+    def generate_stream(self, prompts: list[str | list[int]], params: list[SamplingParams],
+                        adapters: list[str | None] | None = None) -> Iterator[list[TokenEvent]]:
+        """`adapters[i]`: the LoRA adapter of prompt i by name (None or "": the base model)."""
         if not self.engine.is_leader:
             raise RuntimeError("this is a tensor-parallel follower (rank > 0): requests go to "
                                "rank 0, this rank runs follow()")
         if len(prompts) != len(params):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        records = self._adapter_records(adapters, len(prompts))
         ids = [prompt_ids(p, sp, encode=self.engine.encode, vocab_size=self.vocab_size,
                           max_context=self.max_context) for p, sp in zip(prompts, params)]
-        return self._stream(ids, params)
+        return self._stream(ids, params, records)
 
-    def _stream(self, ids: list[list[int]], params: list[SamplingParams]) -> Iterator[list[TokenEvent]]:
+    def _adapter_records(self, adapters: list[str | None] | None,
+                         n: int) -> list[AdapterRecord | None]:
+        """The adapters' records, their weights in host memory (read here, on the request
+        thread, if they were not)."""
+        if not adapters or not any(adapters):
+            return [None] * n
+        store = self.engine.lora_store
+        if store is None:
+            raise ValidationError("adapters", "LoRA adapters are not enabled for this model; "
+                                              "set option.enable_lora=true to serve them")
+        if len(adapters) != n:
+            raise ValueError(f"got {n} prompts but {len(adapters)} adapters")
+        records = [store.get(a) if a else None for a in adapters]
+        for r in {r.uid: r for r in records if r is not None}.values():
+            store.weights_of(r)
+        return records
+
+    def _stream(self, ids: list[list[int]], params: list[SamplingParams],
+                adapters: list[AdapterRecord | None] | None = None) -> Iterator[list[TokenEvent]]:
         out: queue.SimpleQueue[StepEvent | RequestFailed] = queue.SimpleQueue()
         keys = [next(self._keys) for _ in ids]
-        for index, (key, prompt, p) in enumerate(zip(keys, ids, params)):
-            self._commands.put(AddRequest(key, prompt, p, out, index))
+        adapters = adapters or [None] * len(ids)
+        for index, (key, prompt, p, a) in enumerate(zip(keys, ids, params, adapters)):
+            self._commands.put(AddRequest(key, prompt, p, out, index, a))
         pending = set(keys)
         try:
             while pending:
@@ -157,11 +198,71 @@ class EngineLoop:
             for key in pending:  # closed early or failed: free the engine's resources
                 self._commands.put(AbortRequest(key))
 
-    def generate(self, prompts: list[str | list[int]],
-                 params: list[SamplingParams]) -> list[GenerationResult]:
-        stream = self.generate_stream(prompts, params)
+    def generate(self, prompts: list[str | list[int]], params: list[SamplingParams],
+                 adapters: list[str | None] | None = None) -> list[GenerationResult]:
+        stream = self.generate_stream(prompts, params, adapters)
         prompt_lens = [len(p) if isinstance(p, list) else self.count_tokens(p) for p in prompts]
         return collect_results(stream, params, prompt_lens)
+
+    # -- LoRA adapters (any thread) -------------------------------------------------------------
+
+    def _lora(self):
+        store = self.engine.lora_store
+        if store is None:
+            raise ValidationError("adapters", "LoRA adapters are not enabled for this model; "
+                                              "set option.enable_lora=true to serve them")
+        return store
+
+    def _call(self, fn: Callable[[Any], Any], timeout_s: float = 60.0) -> Any:
+        """fn(engine) on the loop thread, between two steps."""
+        done: Future = Future()
+        self._commands.put(CallOnLoop(fn, done))
+        return done.result(timeout_s)
+
+    def add_adapter(self, name: str, src: str, *, pin: bool = False,
+                    preload: bool = True) -> dict:
+        record = self._lora().register(name, src, pin=pin, preload=preload)
+        if pin and not self._call(lambda e: e.pin_adapter(record)):
+            self.engine.lora_store.remove(name)
+            raise NoAdapterSlot(f"adapter {name!r} cannot be pinned: all "
+                                f"{self.engine.lora_slots.max_loras} adapter slots are pinned "
+                                f"or in use (option.max_loras); unpin one or raise max_loras")
+        return record.describe()
+
+    def update_adapter(self, name: str, *, src: str | None = None, pin: bool | None = None,
+                       preload: bool | None = None) -> dict:
+        old, new = self._lora().update(name, path=src, pin=pin, preload=preload)
+
+        def apply(engine) -> bool:
+            if new.uid != old.uid:
+                engine.drop_adapter(old)
+            elif old.pinned and not new.pinned:
+                engine.unpin_adapter(new)
+            return not new.pinned or engine.pin_adapter(new)
+
+        if not self._call(apply):
+            self._lora().update(name, pin=False)
+            raise NoAdapterSlot(f"adapter {name!r} cannot be pinned: all adapter slots are "
+                                f"pinned or in use (option.max_loras)")
+        return new.describe()
+
+    def remove_adapter(self, name: str) -> dict:
+        record = self._lora().remove(name)
+        self._call(lambda e: e.drop_adapter(record))
+        return record.describe()
+
+    def list_adapters(self) -> list[dict]:
+        return [r.describe() for r in self._lora().records()]
+
+    def merge_adapters(self, names: list[str], weights: list[float]) -> str:
+        """A linear merge of registered adapters, as a request-time adapter; its name."""
+        from engines.lora.weights import merge_path
+
+        store = self._lora()
+        records = [store.get(n) for n in names]
+        key = "merge(" + ",".join(f"{n}*{w:g}" for n, w in zip(names, weights)) + ")"
+        return store.add_dynamic(key, merge_path([r.path for r in records], list(weights)),
+                                 sum(r.rank for r in records)).name
 
     # -- engine side (the loop thread) ----------------------------------------------------------
 
@@ -175,13 +276,19 @@ class EngineLoop:
             case AddRequest(key=key):
                 self._running[key] = command
                 try:
-                    self.engine.add_request(key, command.prompt_ids, command.params)
+                    self.engine.add_request(key, command.prompt_ids, command.params,
+                                            command.adapter)
                 except Exception as e:  # validated already; anything here is an engine fault
                     del self._running[key]
                     command.out.put(RequestFailed(e))
             case AbortRequest(key=key):
                 if self._running.pop(key, None) is not None:
                     self.engine.abort(key)
+            case CallOnLoop(fn=fn, done=done):
+                try:
+                    done.set_result(fn(self.engine))
+                except Exception as e:
+                    done.set_exception(e)
         return True
 
     def _fail_all(self, error: BaseException) -> None:

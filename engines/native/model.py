@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from engines.native.spec import UnsupportedModel, read_spec
 
 if TYPE_CHECKING:
+    from engines.native.lora import StepLora
     from engines.native.parallel import TensorParallel
 
 def rope_inv_freq(model_dir: str | Path) -> tuple[torch.Tensor, float]:
@@ -209,11 +210,14 @@ class LlamaModel:
         cos, sin = self._rope(batch.positions)
         decode = (self._decode_buffers(batch)
                   if batch.decode_count and batch.decode_seq_lens is None else None)
+        lora = batch.lora  # LoRA rows of this step (lora.py), None when no row has an adapter
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_cache)):
             h = self._rms_norm(x, layer["in_norm"])
             qkv = h @ layer["qkv"]  # [T, (H + 2KV) * D]
             if layer["qkv_b"] is not None:
                 qkv = qkv + layer["qkv_b"]
+            if lora is not None:
+                lora.apply(i, "qkv", h, qkv)
             q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
             q = self._apply_rope(q.view(-1, self.num_heads, s.head_dim), cos, sin)  # [T, H, D]
             k = self._apply_rope(k.view(-1, self.num_kv_heads, s.head_dim), cos, sin)  # [T, KV, D]
@@ -222,10 +226,18 @@ class LlamaModel:
             v_cache.index_copy_(0, batch.slot_mapping, v)
             attn = self._attention(q, k, v, k_cache, v_cache, batch, decode, i)  # [T, H * D]
             o = attn @ layer["o"]  # [T, hidden]
+            if lora is not None:  # with TP: this rank's partial delta joins the all-reduce
+                lora.apply(i, "o", attn, o)
             x = x + (o if tp is None else tp.all_reduce(o))
             h = self._rms_norm(x, layer["post_norm"])
-            gate, up = (h @ layer["gate_up"]).chunk(2, dim=-1)
-            down = (F.silu(gate) * up) @ layer["down"]  # [T, hidden]
+            gate_up = h @ layer["gate_up"]  # [T, 2F]
+            if lora is not None:
+                lora.apply(i, "gate_up", h, gate_up)
+            gate, up = gate_up.chunk(2, dim=-1)
+            act = F.silu(gate) * up  # [T, F]
+            down = act @ layer["down"]  # [T, hidden]
+            if lora is not None:
+                lora.apply(i, "down", act, down)
             x = x + (down if tp is None else tp.all_reduce(down))
         x = x[batch.logits_index]  # only the rows that sample: [N, hidden]
         return self._rms_norm(x, self.norm)
@@ -363,3 +375,4 @@ class StepBatch:
     # Set when decode rows use the paged-attention kernel: [B] int32, decode_lens on the device
     # (decode_mask is then None and the kernel reads the blocks of decode_slots in place).
     decode_seq_lens: torch.Tensor | None = None
+    lora: StepLora | None = None  # rows with a LoRA adapter (engines/native/lora.py)

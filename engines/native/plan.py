@@ -31,6 +31,7 @@ class PlanChunk:
     # Prompt log-probs: the prompt tokens at positions start + 1, start + 2, ... that this
     # chunk's rows score (one per row, from the first row on); empty when none are wanted.
     prompt_targets: list[int] = field(default_factory=list)
+    lora_slot: int = 0  # the LoRA weight slot its rows use (0: the base model)
 
     @property
     def is_decode(self) -> bool:
@@ -40,6 +41,9 @@ class PlanChunk:
 @dataclass(frozen=True, slots=True)
 class StepPlan:
     chunks: list[PlanChunk]
+    # LoRA weights to put in slots before this step runs: (slot, adapter uid, adapter path).
+    # Every rank loads its own shard, so the path travels with the plan.
+    lora_loads: list[tuple[int, int, str]] = field(default_factory=list)
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +57,8 @@ class Shutdown:
 
 
 def make_plan(out: SchedulerOutput, seqs: Mapping[int, Sequence],
-              tables: Mapping[int, list[int]], prompt_logprobs: Collection[int] = ()) -> StepPlan:
+              tables: Mapping[int, list[int]], prompt_logprobs: Collection[int] = (),
+              lora_loads: list[tuple[int, int, str]] | None = None) -> StepPlan:
     """The plan for the scheduler's chunks; `prompt_logprobs`: seq ids whose prompt tokens are
     scored (decoder_input_details)."""
     chunks = []
@@ -67,5 +72,6 @@ def make_plan(out: SchedulerOutput, seqs: Mapping[int, Sequence],
             stop = min(end, len(seq.prompt_ids) - 1)
             targets = seq.prompt_ids[c.start + 1:stop + 1]
         chunks.append(PlanChunk(c.seq_id, c.start, c.num_tokens, c.sample,
-                                seq.token_ids[c.start:end], tables[c.seq_id], targets))
-    return StepPlan(chunks)
+                                seq.token_ids[c.start:end], tables[c.seq_id], targets,
+                                seq.lora_slot))
+    return StepPlan(chunks, lora_loads or [])

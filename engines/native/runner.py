@@ -10,19 +10,22 @@ With tensor parallelism every rank runs the same plan (the forward pass meets th
 its collectives); only rank 0 gets logits, so only rank 0 samples, and the other ranks get an
 empty output.
 
-The runner's side of future features (NativeEngine.step has the whole list): it applies a
-chunk's LoRA adapter weights, the sampling applies a RowState's grammar mask, and speculative
-decoding's verification of draft tokens happens here.
+LoRA: the plan says which adapter weights to load into which slot before the step (every rank
+loads its own shard) and each chunk's slot; the runner orders the rows by slot and hands the
+model the groups (engines/native/lora.py). Future features (NativeEngine.step has the list):
+the sampling applies a RowState's grammar mask, and speculative decoding's verification of
+draft tokens happens here.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
 
+from engines.native.lora import LoraSlots, StepLora, row_groups
 from engines.native.model import LlamaModel, StepBatch
 from engines.native.plan import PlanChunk, StepPlan
 from engines.sampler import RowState, StepOutput, sample_rows
@@ -60,6 +63,7 @@ class _Rows:
     token_ids: list[int] = field(default_factory=list)
     positions: list[int] = field(default_factory=list)
     slot_mapping: list[int] = field(default_factory=list)
+    lora_slots: list[int] = field(default_factory=list)  # each row's LoRA slot (0: none)
     logits_rows: list[int] = field(default_factory=list)  # the sampling rows, in order
     logits_seq: list[int] = field(default_factory=list)  # the seq id of each
 
@@ -95,8 +99,17 @@ class ModelRunner:
 
     def __init__(self, model: LlamaModel, *, num_blocks: int, block_size: int,
                  attention: str = "auto", cuda_graphs: bool | None = None, max_batch: int = 32,
-                 max_context: int | None = None) -> None:
+                 max_context: int | None = None, lora: LoraSlots | None = None,
+                 lora_loader: Callable[[int, str], object] | None = None) -> None:
         self.model = model
+        # LoRA: the weight slots, and how to get an adapter's weights (uid, path) -> LoraWeights.
+        self.lora = lora
+        self.lora_loader = lora_loader
+        self.lora_kernel = None
+        if lora is not None and model.device.type == "cuda" and _triton_installed():
+            from engines.native.lora_kernels import lora_delta
+
+            self.lora_kernel = lora_delta
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = model.device
@@ -123,7 +136,7 @@ class ModelRunner:
             self.graphs = DecodeGraphs(
                 model, self.kv_cache, block_size=block_size, max_batch=max_batch,
                 max_blocks=-(-context // block_size), scratch_block=num_blocks,
-                capture=self.device.type == "cuda")
+                capture=self.device.type == "cuda", lora=lora)
 
     def _slots(self, table: list[int], start: int, end: int) -> list[int]:
         bs = self.block_size
@@ -135,18 +148,23 @@ class ModelRunner:
         rows')."""
         dev = self.device
         decodes = [c for c in plan.chunks if c.is_decode]
+        prefill_chunks = [c for c in plan.chunks if not c.is_decode]
+        if self.lora is not None:
+            # Rows of one adapter side by side: each adapter is then one slice per op.
+            decodes.sort(key=lambda c: c.lora_slot)
+            prefill_chunks.sort(key=lambda c: c.lora_slot)
         rows = _Rows()
         # Decode rows: one token each, attending to everything before it (and itself).
         lengths = []
         for c in decodes:
             rows.token_ids.append(c.token_ids[0])
+            rows.lora_slots.append(c.lora_slot)
             rows.positions.append(c.start)
             rows.slot_mapping.extend(self._slots(c.block_table, c.start, c.start + 1))
             lengths.append(c.start + 1)
             rows.sample(len(rows.token_ids) - 1, c.seq_id)
         decode_slots, decode_mask, decode_seq_lens = self._decode_inputs(decodes, lengths)
-        prefills, prompt_rows = self._add_prefills(
-            rows, [c for c in plan.chunks if not c.is_decode])
+        prefills, prompt_rows = self._add_prefills(rows, prefill_chunks)
         batch = StepBatch(
             token_ids=torch.tensor(rows.token_ids, dtype=torch.long, device=dev),  # [T]
             positions=torch.tensor(rows.positions, dtype=torch.long, device=dev),  # [T]
@@ -160,8 +178,22 @@ class ModelRunner:
             decode_lens=tuple(lengths),
             prefills=prefills,
             decode_seq_lens=decode_seq_lens,
+            lora=self._step_lora(rows.lora_slots),
         )
         return batch, rows.logits_seq, prompt_rows
+
+    def _step_lora(self, slots: list[int]) -> StepLora | None:
+        if self.lora is None or not any(slots):
+            return None
+        if self.lora_kernel is not None:
+            row_slots = torch.tensor(slots, dtype=torch.int32, device=self.device)
+            return StepLora(self.lora, [], row_slots, self.lora_kernel)
+        return StepLora(self.lora, row_groups(slots))
+
+    def _load_adapters(self, plan: StepPlan) -> None:
+        """Put the plan's adapters into their slots (before any row uses them)."""
+        for slot, uid, path in plan.lora_loads:
+            self.lora.load(slot, uid, self.lora_loader(uid, path))
 
     def _decode_inputs(self, decodes: list[PlanChunk], lengths: list[int]) -> tuple[
             torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
@@ -195,6 +227,7 @@ class ModelRunner:
             row = len(rows.token_ids)
             end = c.start + c.num_tokens
             rows.token_ids.extend(c.token_ids)
+            rows.lora_slots.extend([c.lora_slot] * c.num_tokens)
             rows.positions.extend(range(c.start, end))
             rows.slot_mapping.extend(self._slots(table, c.start, end))
             if c.start == 0 and not (self.sliding_window and end > self.sliding_window):
@@ -234,6 +267,8 @@ class ModelRunner:
     def _logits(self, plan: StepPlan) -> tuple[torch.Tensor | None, list[int], list[_PromptRows]]:
         """Logits [N + P, V] fp32 of the sampling rows (N, their seq ids in order) and then the
         scored prompt rows (P); None when nothing samples or scores, and on TP ranks > 0."""
+        if plan.lora_loads:
+            self._load_adapters(plan)
         if self.graphs is not None and self.graphs.fits(plan.chunks):
             # A graph's output buffer: sampled before the next step overwrites it.
             return self.graphs.run(plan.chunks), [c.seq_id for c in plan.chunks], []

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from engines.lora.slots import SlotTable
 from engines.native.block_manager import BlockManager
 from engines.native.sequence import Sequence, SeqStatus
 
@@ -49,9 +50,11 @@ class SchedulerOutput:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, *, max_num_seqs: int,
-                 max_num_batched_tokens: int) -> None:
+                 max_num_batched_tokens: int, lora: SlotTable | None = None) -> None:
         assert max_num_seqs > 0 and max_num_batched_tokens > 0
         self.bm = block_manager
+        # LoRA weight slots: a waiting sequence is admitted only once its adapter has one.
+        self.lora = lora
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.seqs: dict[int, Sequence] = {}
@@ -77,6 +80,12 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SeqStatus.FINISHED
         self.bm.free(seq_id)
+        self._release_slot(seq)
+
+    def _release_slot(self, seq: Sequence) -> None:
+        if seq.lora_slot:
+            self.lora.release(seq.adapter)
+            seq.lora_slot = 0
 
     abort = finish
 
@@ -108,16 +117,27 @@ class Scheduler:
                 continue
             break  # `seq` itself was preempted: no room for anyone newer either
 
-        # 2. Waiting sequences, in order, while there is budget, room and blocks.
+        # 2. Waiting sequences, in order, while there is budget, room and blocks. One whose
+        # LoRA adapter has no free slot yet is passed over (it keeps its place) rather than
+        # holding up requests for the base model or for adapters already loaded.
         preempted_now = set(out.preempted)
+        passed: list[Sequence] = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
             if seq.id in preempted_now:
                 break  # do not re-admit in the step that preempted it
+            if seq.adapter:
+                slot = self.lora.acquire(seq.adapter)
+                if slot is None:
+                    passed.append(self.waiting.popleft())
+                    continue
+                seq.lora_slot = slot
             # Blocks for the cached prefix + 1 token first, then grow to the chunk we can afford.
             cached = self.bm.allocate(seq.id, seq.token_ids, 1,
-                                      use_prefix_cache=not seq.skip_prefix_cache)
+                                      use_prefix_cache=not seq.skip_prefix_cache,
+                                      salt=seq.cache_salt)
             if cached is None:
+                self._release_slot(seq)
                 break  # FIFO: no overtaking a request that does not fit yet
             if seq.num_preemptions == 0:
                 seq.num_cached_prompt = cached
@@ -125,6 +145,7 @@ class Scheduler:
             n = min(seq.num_uncomputed, budget)
             if not self.bm.grow(seq.id, seq.num_computed + n):
                 self.bm.free(seq.id)
+                self._release_slot(seq)
                 seq.num_computed = 0
                 break
             self.waiting.popleft()
@@ -133,11 +154,13 @@ class Scheduler:
             out.chunks.append(ScheduledChunk(seq.id, seq.num_computed, n,
                                              seq.num_computed + n == seq.num_tokens))
             budget -= n
+        self.waiting.extendleft(reversed(passed))
         return out
 
     def _preempt(self, seq: Sequence, out: SchedulerOutput) -> None:
         self.running.remove(seq)
         self.bm.free(seq.id)
+        self._release_slot(seq)
         seq.status = SeqStatus.WAITING
         seq.num_computed = 0
         seq.num_preemptions += 1

@@ -26,6 +26,12 @@ class Sequence:
     # Compute every prompt position, skipping prefix-cache hits: the engine wants the logits of
     # all of them (prompt log-probs, decoder_input_details).
     skip_prefix_cache: bool = False
+    # LoRA: the adapter's uid (0: the base model) and, while running, its weight slot. The
+    # prefix cache keys this sequence's blocks under the adapter's salt: KV computed with one
+    # adapter's weights is never reused for another adapter or the base model.
+    adapter: int = 0
+    lora_slot: int = 0
+    cache_salt: bytes | None = None
 
     @property
     def token_ids(self) -> list[int]:

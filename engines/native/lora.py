@@ -1,0 +1,119 @@
+"""LoRA in the native engine's forward pass: fixed weight slots and the per-step row groups.
+
+The model fuses q|k|v and gate|up into one matmul each, so the LoRA weights are fused the same
+way, per layer and per fused op, for all `max_loras` slots at once:
+
+    op        input     sub-modules (output columns, in order)
+    qkv       hidden    q_proj | k_proj | v_proj
+    o         H * D     o_proj
+    gate_up   hidden    gate_proj | up_proj
+    down      F         down_proj
+
+    A[op]  [S + 1, in, n_sub * R]     slot s's A^T, each sub-module in its own R columns
+    B[op]  [S + 1, n_sub * R, out]    slot s's B^T · scale, block-diagonal: sub-module j's R
+                                      rows feed only its own output columns
+
+R = option.max_lora_rank; a smaller rank and an untargeted module are zero rows/columns, which
+add exactly nothing. Slot 0 is the base model and is never computed. So a mixed batch costs two
+small matmuls per op and per adapter present in the step, however the adapters differ:
+
+    out[rows of slot s] += (x[rows] @ A[op][s]) @ B[op][s]
+
+On CPU the runner orders the step's rows by slot and passes contiguous (slot, start, end)
+groups; on CUDA the gathered Triton kernel (lora_kernels.py) reads each row's slot from a [T]
+tensor, which also works inside a CUDA graph (fixed tensors, no data-dependent shapes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from engines.lora.weights import LoraWeights
+
+OPS = ("qkv", "o", "gate_up", "down")
+
+
+class LoraSlots:
+    def __init__(self, model, *, max_loras: int, max_rank: int) -> None:
+        s = model.spec
+        hidden, q, kv = s.hidden_size, model.q_size, model.kv_size
+        ff = model.layers[0]["down"].shape[0]  # this rank's share of the MLP width
+        self.subs: dict[str, tuple[int, list[tuple[str, int]]]] = {
+            "qkv": (hidden, [("q_proj", q), ("k_proj", kv), ("v_proj", kv)]),
+            "o": (q, [("o_proj", hidden)]),
+            "gate_up": (hidden, [("gate_proj", ff), ("up_proj", ff)]),
+            "down": (ff, [("down_proj", hidden)]),
+        }
+        self.max_loras, self.max_rank = max_loras, max_rank
+        dev, dt = model.device, model.dtype
+        n = max_loras + 1
+        self.a: list[dict[str, torch.Tensor]] = []
+        self.b: list[dict[str, torch.Tensor]] = []
+        for _ in range(s.num_layers):
+            a, b = {}, {}
+            for op, (fan_in, subs) in self.subs.items():
+                r = max_rank * len(subs)
+                a[op] = torch.zeros(n, fan_in, r, device=dev, dtype=dt)
+                b[op] = torch.zeros(n, r, sum(size for _, size in subs), device=dev, dtype=dt)
+            self.a.append(a)
+            self.b.append(b)
+        self.uids = [0] * n  # which adapter each slot holds
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for layer in self.a + self.b
+                   for t in layer.values())
+
+    @torch.inference_mode()
+    def load(self, slot: int, uid: int, weights: LoraWeights) -> None:
+        assert 1 <= slot <= self.max_loras and weights.rank <= self.max_rank
+        R = self.max_rank
+        for layer, (a, b) in enumerate(zip(self.a, self.b)):
+            mods = weights.layers[layer]
+            for op, (_, subs) in self.subs.items():
+                a[op][slot].zero_()
+                b[op][slot].zero_()
+                col = 0
+                for j, (module, size) in enumerate(subs):
+                    if module in mods:
+                        wa, wb = mods[module]  # [r, in], [out, r]
+                        r = wa.shape[0]
+                        a[op][slot, :, j * R:j * R + r].copy_(wa.t())
+                        b[op][slot, j * R:j * R + r, col:col + size].copy_(wb.t())
+                    col += size
+        self.uids[slot] = uid
+
+
+@dataclass
+class StepLora:
+    """The LoRA part of one forward pass: which rows use which slot."""
+
+    slots: LoraSlots
+    # Contiguous row ranges (slot, start, end), slot > 0 (CPU path)...
+    groups: list[tuple[int, int, int]]
+    # ...or each row's slot, [T] int32, for the gathered kernel (CUDA path).
+    row_slots: torch.Tensor | None = None
+    kernel: Callable | None = None
+
+    def apply(self, layer: int, op: str, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out += LoRA delta of op for every row that has an adapter (in place)."""
+        a, b = self.slots.a[layer][op], self.slots.b[layer][op]
+        if self.kernel is not None:
+            self.kernel(x, a, b, self.row_slots, out)
+            return
+        for slot, start, end in self.groups:
+            out[start:end].addmm_(x[start:end] @ a[slot], b[slot])
+
+
+def row_groups(slots: list[int]) -> list[tuple[int, int, int]]:
+    """Runs of equal slot > 0 in a per-row slot list: [(slot, start, end)]."""
+    groups: list[tuple[int, int, int]] = []
+    start = 0
+    for i in range(1, len(slots) + 1):
+        if i == len(slots) or slots[i] != slots[start]:
+            if slots[start]:
+                groups.append((slots[start], start, i))
+            start = i
+    return groups
