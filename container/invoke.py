@@ -17,6 +17,7 @@ from aiohttp import web
 
 from engines.contracts import errors as E
 from engines.contracts import protocol as P
+from engines.contracts.names import FUNCTION_PROPERTY
 from container.jobs import Job, StreamEnd, new_request_item, stream_chunks
 from container.wlm import Model
 
@@ -96,6 +97,9 @@ async def submit(request: web.Request, model: Model, properties: dict[str, str],
     Query parameters travel as extra content entries, as DJL passes them to handlers."""
     if body is None:
         body = await read_body(request)
+    # A client's "handler" header must not reach the worker as DJL's function selector: only
+    # the management API calls register_adapter and friends.
+    properties = {k: v for k, v in properties.items() if k.lower() != FUNCTION_PROPERTY}
     content = [("data", body)]
     for k, v in request.query.items():
         if k != "model_name":

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from engines.contracts import errors as E
 from container import invoke
-from engines.contracts.names import API_PROPERTY
+from engines.contracts.names import ADAPTER_HEADER, API_PROPERTY
 from container.wlm import Model
 
 # path -> X-LMC-API value. "/" is TGI's compat root: it answers like /generate or
@@ -31,9 +31,12 @@ def _properties(request: web.Request, api: str) -> dict[str, str]:
     return props
 
 
-def _openai_model(request: web.Request, body: bytes) -> Model:
-    """The model the body's "model" field names when it is one of ours, else the only one
-    served: OpenAI clients must send some model name, and most send a hub id we don't know."""
+def _openai_model(request: web.Request, body: bytes) -> tuple[Model, str | None]:
+    """The model (and LoRA adapter) the body's "model" field names: a model of ours, an
+    adapter of one (OpenAI clients select an adapter by model name, as with vLLM), else the
+    only model served, since OpenAI clients must send some name and most send a hub id we do
+    not know. With LoRA enabled an unknown name is a 404 listing the names, rather than the
+    base model answering for a mistyped adapter."""
     try:
         payload = json.loads(body)
     except ValueError as e:
@@ -44,24 +47,79 @@ def _openai_model(request: web.Request, body: bytes) -> Model:
     mgr = request.app["models"]
     name = payload.get("model")
     if isinstance(name, str) and name in mgr.models:
-        return mgr.models[name]
-    return mgr.default()
+        return mgr.models[name], None
+    if isinstance(name, str) and name:
+        for model in mgr.models.values():
+            if name in model.adapters.adapters:
+                return model, name
+    model = mgr.default()
+    options = model.adapters.lora_options
+    if isinstance(name, str) and name and options is not None and options.enable_lora:
+        names = [model.name, *sorted(model.adapters.adapters)]
+        raise E.AdapterNotFound(f"model {name!r} is neither the base model nor one of its "
+                                f"adapters; available: {', '.join(names)}")
+    return model, None
 
 
 def _openai_handler(api: str):
     async def handle(request: web.Request) -> web.StreamResponse:
         body = await invoke.read_body(request)
-        model = _openai_model(request, body)
-        inv = await invoke.submit(request, model, _properties(request, api), body=body)
+        model, adapter = _openai_model(request, body)
+        props = _properties(request, api)
+        props = {k: v for k, v in props.items() if k.lower() != ADAPTER_HEADER.lower()}
+        if adapter is not None:
+            props[ADAPTER_HEADER] = adapter
+        inv = await invoke.submit(request, model, props, body=body)
         return await invoke.respond(request, inv)
     return handle
+
+
+async def _lorax_adapter(model: Model, body: bytes) -> None:
+    """LoRAX loads the adapter a request names on first use (adapter_source local, s3 or hub):
+    register it then, under its adapter_id, so the handler finds it. Registered names and
+    bodies that name no adapter pass through untouched."""
+    try:
+        params = json.loads(body).get("parameters") or {}
+        adapter_id, source = params.get("adapter_id"), params.get("adapter_source")
+    except (ValueError, AttributeError):
+        return  # the handler answers a malformed body with the precise 400
+    if not isinstance(adapter_id, str) or not adapter_id or adapter_id in model.adapters.adapters:
+        return
+    if source == "pbase":
+        raise E.ValidationError("adapter_source", "adapter_source=pbase (Predibase) is not "
+                                                  "supported; use local, s3 or hub")
+    hub = source in (None, "hub")
+    if hub:
+        from engines.sources.hub import looks_like_hub_id
+
+        if "/" not in adapter_id or not looks_like_hub_id(adapter_id):
+            return  # a plain name: registered or not, the handler says (404 with the list)
+    src = adapter_id
+    if source == "s3" and not src.startswith("s3://"):
+        src = "s3://" + src
+    options = model.adapters.lora_options
+    if options is None or not options.enable_lora:
+        return  # the handler refuses it, saying which option turns LoRA on
+    try:
+        await model.adapters.register(adapter_id, src)
+    except E.Conflict:
+        pass  # another request registered it meanwhile
+    except E.InvalidAdapter as e:
+        if not hub or e.field != "src":
+            raise
+        known = ", ".join(sorted(model.adapters.adapters)) or "none"
+        raise E.AdapterNotFound(f"adapter {adapter_id!r} is not registered (registered "
+                                f"adapters: {known}) and not in the local Hugging Face cache: "
+                                f"{e.message}") from None
 
 
 def _tgi_handler(api: str):
     async def handle(request: web.Request) -> web.StreamResponse:
         try:
-            inv = await invoke.submit(request, invoke.select_model(request),
-                                      _properties(request, api))
+            model = invoke.select_model(request)
+            body = await invoke.read_body(request)
+            await _lorax_adapter(model, body)
+            inv = await invoke.submit(request, model, _properties(request, api), body=body)
         except E.LmcError as e:
             code, body = E.tgi_error(e.status, e.message, e.type, field=getattr(e, "field", None))
             return _tgi_response(code, body, e.headers)
@@ -92,9 +150,15 @@ def _tgi_from_worker(response) -> tuple[int, bytes]:
 
 
 async def list_models(request: web.Request) -> web.Response:
+    """Models, and each model's LoRA adapters with `parent` (as vLLM lists them)."""
     mgr = request.app["models"]
-    data = [{"id": name, "object": "model", "created": mgr.created.get(name, 0), "owned_by": "lmc"}
-            for name in mgr.models]
+    data = []
+    for name, model in mgr.models.items():
+        created = mgr.created.get(name, 0)
+        data.append({"id": name, "object": "model", "created": created, "owned_by": "lmc",
+                     "root": model.config.model_dir, "parent": None})
+        data += [{"id": a.name, "object": "model", "created": created, "owned_by": "lmc",
+                  "root": a.src, "parent": name} for a in model.adapters.adapters.values()]
     return web.json_response({"object": "list", "data": data})
 
 

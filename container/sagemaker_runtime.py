@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from engines.contracts import errors as E
+from engines.contracts.names import ADAPTER_HEADER
 from container import invoke
 from container.jobs import StreamEnd
 from container.wlm import Model
@@ -40,6 +41,7 @@ _FORWARDED_PREFIX = "x-amzn-sagemaker-"
 # the container sees it as Accept.
 _STREAM_ACCEPT = "x-amzn-sagemaker-accept"
 _CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
+_COMPONENT = "X-Amzn-SageMaker-Inference-Component"
 
 # ---------------------------------------------------------------------------------------------
 # Event-stream codec
@@ -149,6 +151,20 @@ def _properties(request: web.Request, *, stream: bool) -> dict[str, str]:
     return props
 
 
+def _with_component(model: Model, props: dict[str, str]) -> dict[str, str]:
+    """InferenceComponentName (X-Amzn-SageMaker-Inference-Component): on SageMaker an adapter
+    inference component serves one LoRA adapter on its base component; here a component named
+    after an adapter selects it, one named after the model is the base model."""
+    component = next((v for k, v in props.items() if k.lower() == _COMPONENT.lower()), None)
+    if not component or component == model.name:
+        return props
+    if component not in model.adapters.adapters:
+        known = ", ".join([model.name, *sorted(model.adapters.adapters)])
+        raise _Validation(f"Inference component {component} not found on endpoint "
+                          f"{model.name}; components: {known}")
+    return {**props, ADAPTER_HEADER: component}
+
+
 def _success_headers(inv: invoke.Invocation) -> dict[str, str]:
     headers = {"x-Amzn-Invoked-Production-Variant": VARIANT}
     attrs = inv.header(_CUSTOM_ATTRIBUTES)
@@ -162,7 +178,8 @@ async def _start(request: web.Request, *, stream: bool) -> invoke.Invocation | w
     name = request.match_info["name"]
     try:
         model = _resolve(request)
-        return await invoke.submit(request, model, _properties(request, stream=stream))
+        return await invoke.submit(request, model, _with_component(
+            model, _properties(request, stream=stream)))
     except _Validation as e:
         return validation_error(str(e))
     except E.LmcError as e:

@@ -97,6 +97,10 @@ class ModelManager:
             model = Model(cfg, server=self.server)
         except (LayoutError, ValueError) as e:
             raise E.BadRequest(f"model {spec.name!r}: {e}") from None
+        try:
+            await model.adapters.add_startup_adapters()
+        except E.LmcError as e:
+            raise E.BadRequest(f"model {spec.name!r}: {e.message}") from None
         self.models[spec.name] = model
         self.created[spec.name] = int(time.time())
         handler = (f"{cfg.llm.engine.name} engine ({cfg.llm.engine.reason})" if cfg.llm
@@ -284,6 +288,94 @@ async def unregister_model(request: web.Request) -> web.Response:
     return json_response({"status": f'Model "{name}" unregistered'})
 
 
+# ---------------------------------------------------------------------------------------------
+# LoRA adapters: DJL's adapter API and vLLM's load/unload routes (container/adapters.py)
+# ---------------------------------------------------------------------------------------------
+
+
+def _bool_param(request: web.Request, key: str) -> bool | None:
+    raw = request.query.get(key)
+    if raw is None:
+        return None
+    if raw.lower() not in ("true", "false"):
+        raise E.ValidationError(key, f"query parameter {key}={raw!r} must be true or false")
+    return raw.lower() == "true"
+
+
+def _adapter_model(request: web.Request) -> Model:
+    name = request.match_info.get("model")
+    mgr: ModelManager = request.app["models"]
+    return mgr.get(name) if name else mgr.default()
+
+
+async def list_adapters(request: web.Request) -> web.Response:
+    model = _adapter_model(request)
+    return json_response({"adapters": [a.describe() for a in model.adapters.adapters.values()]})
+
+
+async def register_adapter(request: web.Request) -> web.Response:
+    model = _adapter_model(request)
+    name, src = request.query.get("name"), request.query.get("src")
+    if not name or not src:
+        raise E.ValidationError("name" if not name else "src", "query parameters name and src "
+                                "are required: POST /models/{model}/adapters?name=a1&src=/path")
+    preload, pin = _bool_param(request, "preload"), _bool_param(request, "pin")
+    await model.adapters.register(name, src, preload=True if preload is None else preload,
+                                  pin=bool(pin))
+    return json_response({"status": f"Adapter {name} registered"})
+
+
+async def describe_adapter(request: web.Request) -> web.Response:
+    adapter = _adapter_model(request).adapters.get(request.match_info["adapter"])
+    return json_response(adapter.describe())
+
+
+async def update_adapter(request: web.Request) -> web.Response:
+    model = _adapter_model(request)
+    name = request.match_info["adapter"]
+    await model.adapters.update(name, src=request.query.get("src"),
+                                preload=_bool_param(request, "preload"),
+                                pin=_bool_param(request, "pin"))
+    return json_response({"status": f"Adapter {name} updated"})
+
+
+async def unregister_adapter(request: web.Request) -> web.Response:
+    model = _adapter_model(request)
+    name = request.match_info["adapter"]
+    await model.adapters.unregister(name)
+    return json_response({"status": f"Adapter {name} unregistered"})
+
+
+async def _vllm_body(request: web.Request) -> dict:
+    try:
+        body = json.loads(await request.read() or b"{}")
+    except ValueError as e:
+        raise E.invalid_json(e) from None
+    if not isinstance(body, dict) or not isinstance(body.get("lora_name"), str) \
+            or not body["lora_name"]:
+        raise E.ValidationError("lora_name", "the body must be a JSON object with lora_name")
+    return body
+
+
+async def vllm_load_lora(request: web.Request) -> web.Response:
+    """vLLM's POST /v1/load_lora_adapter {"lora_name", "lora_path"}."""
+    body = await _vllm_body(request)
+    if not isinstance(body.get("lora_path"), str) or not body["lora_path"]:
+        raise E.ValidationError("lora_path", "lora_path (the adapter's directory) is required")
+    model = request.app["models"].default()
+    await model.adapters.register(body["lora_name"], body["lora_path"])
+    return web.Response(text=f"Success: LoRA adapter '{body['lora_name']}' added successfully.")
+
+
+async def vllm_unload_lora(request: web.Request) -> web.Response:
+    """vLLM's POST /v1/unload_lora_adapter {"lora_name"}."""
+    body = await _vllm_body(request)
+    model = request.app["models"].default()
+    await model.adapters.unregister(body["lora_name"])
+    return web.Response(text=f"Success: LoRA adapter '{body['lora_name']}' removed "
+                             f"successfully.")
+
+
 def build_app(server_config: ServerOptions, manager: ModelManager | None = None) -> web.Application:
     app = web.Application(middlewares=[error_middleware],
                           client_max_size=server_config.max_request_size)
@@ -302,6 +394,14 @@ def build_app(server_config: ServerOptions, manager: ModelManager | None = None)
     r.add_get("/models/{model}", management(describe_model))
     r.add_put("/models/{model}", management(scale_model))
     r.add_delete("/models/{model}", management(unregister_model))
+    for prefix in ("/models/{model}/adapters", "/adapters"):  # /adapters: the only model
+        r.add_get(prefix, management(list_adapters))
+        r.add_post(prefix, management(register_adapter))
+        r.add_get(prefix + "/{adapter}", management(describe_adapter))
+        r.add_delete(prefix + "/{adapter}", management(unregister_adapter))
+        r.add_post(prefix + "/{adapter}/update", management(update_adapter))
+    r.add_post("/v1/load_lora_adapter", management(vllm_load_lora))
+    r.add_post("/v1/unload_lora_adapter", management(vllm_unload_lora))
     llm_routes.add_routes(r)
     sagemaker_runtime.add_routes(r)
     return app

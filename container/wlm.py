@@ -23,6 +23,7 @@ import enum
 import logging
 import time
 
+from container.adapters import AdapterRegistry
 from container.batcher import collect_batch
 from container.config import ModelConfig
 from container.groups import GroupSpec, plan_groups
@@ -75,6 +76,10 @@ class Model:
                          self.max_workers, len(self.device_groups))
                 self.max_workers = len(self.device_groups)
                 self.min_workers = min(self.min_workers, self.max_workers)
+        from container.access import model_roots
+
+        self.adapters = AdapterRegistry(self, cache_dir=self.server.cache_dir,
+                                        allowed_roots=model_roots(self.server))
         self._tasks: set[asyncio.Task] = set()
         self._starting = 0
         self._loaded = asyncio.get_running_loop().create_future()
@@ -106,6 +111,8 @@ class Model:
     async def _boot(self, w: Worker, *, permanent: bool) -> Worker | None:
         try:
             await w.start()
+            # Every registered LoRA adapter, before the worker's first request.
+            await self.adapters.sync_worker(w)
         except LmcError as e:
             self.workers.remove(w)
             await w.kill()

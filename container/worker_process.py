@@ -76,6 +76,7 @@ class Worker:
         self._reader_task: asyncio.Task | None = None
         self.exit_reason: str | None = None
         self.max_concurrency = 1
+        self.adapters_synced = False  # has every registered LoRA adapter (container/adapters.py)
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.id, self.proc.pid if self.proc else None, self.state.value,

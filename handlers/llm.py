@@ -43,9 +43,11 @@ import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from dataclasses import replace
+
 from engines.contracts.engine import Capabilities, Engine
-from engines.contracts.errors import exception_body, invalid_json
-from engines.contracts.names import API_PROPERTY, ITEM_CODE_PROPERTY
+from engines.contracts.errors import AdapterNotFound, LmcError, exception_body, invalid_json
+from engines.contracts.names import ADAPTER_HEADER, API_PROPERTY, ITEM_CODE_PROPERTY
 from engines.options import OUTPUT_FORMATS, HandlerOptions
 from engines.registry import create_engine
 from engines.selection import LLMPlan, plan_from_properties
@@ -106,7 +108,7 @@ class LLMHandler:
             return None  # the warm-up itself, or a keep-alive; LMI answers both with nothing
 
         items = inputs.get_batches()
-        parsed: list[LLMRequest | ValidationError] = []
+        parsed: list[LLMRequest | ValidationError | AdapterNotFound] = []
         for item in items:
             try:
                 request = self._parse(item)
@@ -115,7 +117,7 @@ class LLMHandler:
                         "stream", "streaming needs batch_size=1 for this model (a stream cannot "
                         "share a dynamic batch); set batch_size=1 or send stream=false")
                 parsed.append(request)
-            except ValidationError as exc:
+            except (ValidationError, AdapterNotFound) as exc:
                 parsed.append(exc)
 
         if not inputs.is_batch() and isinstance(parsed[0], LLMRequest) and parsed[0].stream:
@@ -128,11 +130,11 @@ class LLMHandler:
         n_errors = 0
         for i, request in enumerate(parsed):
             index = i if inputs.is_batch() else None
-            if isinstance(request, ValidationError):
+            if isinstance(request, LmcError):
                 n_errors += 1
                 self._add(output, exception_body(request), index, fmt.JSON)
-                if index is not None:  # this item alone is a 400 (see handlers/service.py)
-                    output.add_property(batch_key(index, ITEM_CODE_PROPERTY), "400")
+                if index is not None:  # this item alone is a 4xx (see handlers/service.py)
+                    output.add_property(batch_key(index, ITEM_CODE_PROPERTY), str(request.status))
                 continue
             request_groups = [next(groups) for _ in request.prompts]
             body = self._format(request, request_groups)
@@ -140,7 +142,9 @@ class LLMHandler:
             self._add(output, body, index, content_type)
 
         if n_errors == len(parsed):
-            output.set_code(400).set_message("Bad Request")
+            status = {p.status for p in parsed}
+            code = status.pop() if len(status) == 1 else 400
+            output.set_code(code).set_message("Not Found" if code == 404 else "Bad Request")
         return output
 
     # ------------------------------------------------------------------------------------------
@@ -175,6 +179,38 @@ class LLMHandler:
         assert self.engine is not None
         self.engine.follow()
 
+    # ------------------------------------------------------------------------------------------
+    # LoRA adapters: DJL's handler functions, called by the front end's adapter API on every
+    # worker (properties name, src; content or properties preload, pin)
+    # ------------------------------------------------------------------------------------------
+
+    def _lora_engine(self):
+        if self.engine is None or not self.engine.capabilities.lora:
+            raise ValidationError("adapters", "LoRA adapters are not enabled for this model; "
+                                              "set option.enable_lora=true to serve them")
+        return self.engine
+
+    def register_adapter(self, inputs: Input) -> Output:
+        name, src = inputs.get_property("name"), inputs.get_property("src")
+        if not name or not src:
+            raise ValidationError("name" if not name else "src",
+                                  "register_adapter needs properties name and src")
+        info = self._lora_engine().add_adapter(
+            name, src, pin=_flag(inputs, "pin", False), preload=_flag(inputs, "preload", True))
+        return Output().add_as_json({"status": f"Adapter {name} registered", "adapter": info})
+
+    def update_adapter(self, inputs: Input) -> Output:
+        name = inputs.get_property("name")
+        info = self._lora_engine().update_adapter(
+            name, src=inputs.get_property("src") or None, pin=_flag(inputs, "pin", None),
+            preload=_flag(inputs, "preload", None))
+        return Output().add_as_json({"status": f"Adapter {name} updated", "adapter": info})
+
+    def unregister_adapter(self, inputs: Input) -> Output:
+        name = inputs.get_property("name")
+        self._lora_engine().remove_adapter(name)
+        return Output().add_as_json({"status": f"Adapter {name} unregistered"})
+
     def shutdown(self) -> None:
         if self.engine is not None:
             self.engine.shutdown()
@@ -192,7 +228,39 @@ class LLMHandler:
         payload = _decode_body(item)
         if self.input_formatter is not None and api is Api.LMI:
             payload = self._call_input_formatter(payload)
-        return parse_request(payload, api, self.engine)
+        return self._with_adapters(parse_request(payload, api, self.engine), item)
+
+    def _with_adapters(self, request: LLMRequest, item: Input) -> LLMRequest:
+        """The request's LoRA adapters: from the body (LMI "adapters", LoRAX adapter_id or
+        merged_adapters), else the X-Amzn-SageMaker-Adapter-Identifier header (also what the
+        front end sets for an OpenAI `model` or a SageMaker inference component naming an
+        adapter), else ?adapter=. "" or the base model's name is the base model. An unknown
+        name is a 404 listing the adapters: never silently the base model."""
+        names: list[str | None] | None = list(request.adapters) or None
+        if names is None and request.merge is None:
+            given = item.get_property(ADAPTER_HEADER)
+            if given is None and item.contains_key("adapter"):
+                given = item.get_as_string("adapter")
+            if given:
+                names = [given] * len(request.prompts)
+        if names is None and request.merge is None:
+            return request
+        names = [None if n in ("", self.model_name) else n for n in names or []]
+        if not any(names) and request.merge is None:
+            return replace(request, adapters=())
+        if not self.capabilities.lora:
+            raise ValidationError("adapters", "LoRA adapters are not enabled for this model; "
+                                              "set option.enable_lora=true to serve them")
+        if request.merge is not None:
+            ids, weights = request.merge
+            try:
+                merged = self.engine.merge_adapters(list(ids), list(weights))
+            except ValidationError as exc:
+                raise ValidationError("merged_adapters", exc.message) from None
+            names = [merged] * len(request.prompts)
+        for name in {n for n in names if n}:
+            self.engine.check_adapter(name)
+        return replace(request, adapters=tuple(names))
 
     def _call_input_formatter(self, payload: Any) -> Any:
         assert self.input_formatter is not None
@@ -213,14 +281,22 @@ class LLMHandler:
         """One engine call for the whole batch; one group of results per prompt, best first."""
         prompts: list[str | list[int]] = []
         params: list[SamplingParams] = []
+        adapters: list[str | None] = []
         sizes: list[int] = []
         for request in requests:
             samples = request.sample_params()
-            for prompt in request.engine_prompts:
+            for i, prompt in enumerate(request.engine_prompts):
                 prompts.extend([prompt] * len(samples))
                 params.extend(samples)
+                adapters.extend([request.adapters[i] if request.adapters else None]
+                                * len(samples))
                 sizes.append(len(samples))
-        results = self.engine.generate(prompts, params) if prompts else []
+        if not prompts:
+            results = []
+        elif any(adapters):
+            results = self.engine.generate(prompts, params, adapters)
+        else:
+            results = self.engine.generate(prompts, params)
         groups: list[list[GenerationResult]] = []
         start = 0
         for size in sizes:
@@ -300,7 +376,11 @@ class LLMHandler:
         ]
         # Called here, not in the generator: the engine rejects bad inputs before the first
         # step, and that should be an error status, not a 200 stream that says "error".
-        steps = self.engine.generate_stream(prompts, params)
+        if request.adapters:
+            adapters = [a for a in request.adapters for _ in samples]
+            steps = self.engine.generate_stream(prompts, params, adapters)
+        else:
+            steps = self.engine.generate_stream(prompts, params)
         output.add_stream_content(self._stream(stream, steps))
         return output
 
@@ -332,6 +412,19 @@ class LLMHandler:
             output.add_as_json(body, batch_index=index)
         key = "content-type" if index is None else batch_key(index, "content-type")
         output.add_property(key, content_type)
+
+
+def _flag(inputs: Input, key: str, default: bool | None) -> bool | None:
+    """A true/false flag of an adapter call, from its properties or its content (DJL sends
+    preload and pin as content)."""
+    value = inputs.get_property(key)
+    if value is None and inputs.contains_key(key):
+        value = inputs.get_as_string(key)
+    if value is None or value == "":
+        return default
+    if value.lower() not in ("true", "false"):
+        raise ValidationError(key, f"{key} must be true or false, got {value!r}")
+    return value.lower() == "true"
 
 
 def _full_text(request: LLMRequest, index: int, result: GenerationResult) -> str:

@@ -48,7 +48,10 @@ class Api(str, Enum):
 
 HANDLER_PARAMETERS = frozenset({"return_full_text", "details", "n", "best_of", "truncate"})
 LMI_PARAMETERS = HANDLER_PARAMETERS | ACCEPTED_PARAMETERS
-LMI_REQUEST_KEYS = ("inputs", "parameters", "stream")
+LMI_REQUEST_KEYS = ("inputs", "parameters", "stream", "adapters")
+# LoRAX's adapter sources (parameters.adapter_source); the front end fetches local and s3 ones.
+ADAPTER_SOURCES = ("hub", "local", "s3", "pbase")
+MERGE_STRATEGIES = ("linear",)
 
 
 class Tokenizing(Protocol):
@@ -88,6 +91,11 @@ class LLMRequest:
     logprobs: int | None = None  # None: not asked; else how many top alternatives per token
     echo: bool = False
     include_usage: bool = False
+    # LoRA: the adapter of each prompt by name ("" / None: the base model); () when the body
+    # names none (the handler then looks at the adapter header and ?adapter=).
+    adapters: tuple[str | None, ...] = ()
+    # LoRAX's merged_adapters: (adapter names, weights), merged linearly for this request.
+    merge: tuple[tuple[str, ...], tuple[float, ...]] | None = None
 
     def sample_params(self) -> list[SamplingParams]:
         """The params of the best_of engine requests of one prompt: seed + k per sample, so a
@@ -126,11 +134,76 @@ _TGI_OFF_VALUES: dict[str, tuple[tuple[Any, ...], str]] = {
     "watermark": ((False,), "watermarking is not supported"),
     "grammar": ((), "grammar-constrained generation is not supported yet"),
     "response_format": ((), "structured output (response_format) is not supported yet"),
-    "adapter_id": ((), "LoRA adapters are not served yet"),
-    "adapter_source": ((), "LoRA adapters are not served yet"),
-    "merged_adapters": ((), "LoRA adapters are not served yet"),
-    "api_token": ((), "api_token only fetches adapters, and LoRA adapters are not served yet"),
+    "api_token": ((), "api_token is for downloading adapters from a hub, which this server "
+                      "does not do (adapters come from the model dir, a local path, s3:// or "
+                      "the local Hugging Face cache)"),
 }
+
+
+@dataclass(frozen=True, slots=True)
+class _TgiAdapter:
+    name: str | None = None
+    merge: tuple[tuple[str, ...], tuple[float, ...]] | None = None
+
+
+def _tgi_adapter(parameters: dict[str, Any]) -> _TgiAdapter:
+    """LoRAX's adapter_id / adapter_source / merged_adapters (popped from `parameters`)."""
+    adapter_id = parameters.pop("adapter_id", None)
+    source = parameters.pop("adapter_source", None)
+    merged = parameters.pop("merged_adapters", None)
+    if adapter_id is not None and not isinstance(adapter_id, str):
+        raise ValidationError("adapter_id", f"adapter_id must be a string, got {adapter_id!r}")
+    if source is not None and source not in ADAPTER_SOURCES:
+        raise ValidationError("adapter_source", f"adapter_source must be one of "
+                              f"{', '.join(ADAPTER_SOURCES)}, got {source!r}")
+    if merged is None:
+        return _TgiAdapter(adapter_id or None)
+    if adapter_id:
+        raise ValidationError("merged_adapters", "send adapter_id or merged_adapters, not both")
+    if not isinstance(merged, dict):
+        raise ValidationError("merged_adapters", "merged_adapters must be an object with ids, "
+                                                 "weights and merge_strategy")
+    unknown = sorted(set(merged) - {"ids", "weights", "merge_strategy", "density",
+                                    "majority_sign_method"})
+    if unknown:
+        raise ValidationError(f"merged_adapters.{unknown[0]}", f"unknown merged_adapters field "
+                              f"{unknown[0]!r}; accepted: ids, weights, merge_strategy")
+    strategy = merged.get("merge_strategy") or "linear"
+    if strategy not in MERGE_STRATEGIES:
+        raise ValidationError("merged_adapters.merge_strategy", f"merge_strategy={strategy!r} "
+                              f"is not supported; supported: {', '.join(MERGE_STRATEGIES)}")
+    for name in ("density", "majority_sign_method"):
+        if merged.get(name) not in (None, 1, 1.0, "total"):
+            raise ValidationError(f"merged_adapters.{name}", f"{name} applies to the ties/dare "
+                                  f"merge strategies; linear merges do not use it")
+    ids = merged.get("ids")
+    if (not isinstance(ids, list) or not ids
+            or not all(isinstance(i, str) and i for i in ids)):
+        raise ValidationError("merged_adapters.ids", "merged_adapters.ids must be a non-empty "
+                                                     "list of adapter names")
+    weights = merged.get("weights")
+    if weights is None:
+        weights = [1.0 / len(ids)] * len(ids)
+    if (not isinstance(weights, list) or len(weights) != len(ids)
+            or not all(isinstance(w, (int, float)) and not isinstance(w, bool)
+                       for w in weights)):
+        raise ValidationError("merged_adapters.weights", f"merged_adapters.weights must be a "
+                              f"list of {len(ids)} numbers, one per id")
+    return _TgiAdapter(None, (tuple(ids), tuple(float(w) for w in weights)))
+
+
+def _parse_adapters(value: Any, prompts: int, is_list: bool) -> tuple[str | None, ...]:
+    """LMI's top-level "adapters": one name for every input, or a list with one per input."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value or None,) * prompts
+    if isinstance(value, list) and is_list and len(value) == prompts and all(
+            isinstance(v, str) for v in value):
+        return tuple(v or None for v in value)
+    want = (f"a string or a list of {prompts} strings (one per input)" if is_list
+            else "a string")
+    raise ValidationError("adapters", f"adapters must be {want}, got {value!r}")
 
 
 def _tgi_parameters(parameters: dict[str, Any]) -> tuple[dict[str, Any], int]:
@@ -179,8 +252,14 @@ def _parse_lmi(payload: dict[str, Any], api: Api, engine: Tokenizing) -> LLMRequ
         )
     parameters = dict(parameters)
     alternatives = 0
+    adapters = _parse_adapters(payload.get("adapters"), len(prompts), is_list)
+    merge = None
     if api.is_tgi:
+        tgi_adapter = _tgi_adapter(parameters)
         parameters, alternatives = _tgi_parameters(parameters)
+        if tgi_adapter.name is not None:
+            adapters = (tgi_adapter.name,)
+        merge = tgi_adapter.merge
 
     unknown = sorted(set(parameters) - LMI_PARAMETERS)
     if unknown:
@@ -208,6 +287,7 @@ def _parse_lmi(payload: dict[str, Any], api: Api, engine: Tokenizing) -> LLMRequ
         engine, api, prompts, params, truncate=truncate,
         stream=stream, is_list=is_list, n=n, best_of=best_of,
         return_full_text=return_full_text, details=details, alternatives=alternatives,
+        adapters=adapters, merge=merge,
     )
 
 

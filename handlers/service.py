@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING, Protocol
 
 from engines.contracts.engine import Capabilities, TPMode
 from engines.contracts.errors import ValidationError, error_body, handler_error
-from engines.contracts.names import ITEM_CODE_PROPERTY, LMI_BUILTIN_ENTRY_POINTS
+from engines.contracts.names import (ADAPTER_FUNCTIONS, CONTROL_FUNCTIONS, FUNCTION_PROPERTY,
+                                     ITEM_CODE_PROPERTY, LMI_BUILTIN_ENTRY_POINTS)
 from handlers.formatters import INPUT_FORMATTER_TAG, OUTPUT_FORMATTER_TAG
 from handlers.inputs import Input, input_from_items, split_batch_key
 from handlers.outputs import Output
@@ -99,10 +100,14 @@ _PLAIN_HANDLER = Capabilities(max_concurrency=1, tp_mode=TPMode.REPLICATE)
 
 
 class ModelService:
-    def __init__(self, handle: Handle, *, source: str, host: EngineHost | None = None) -> None:
+    def __init__(self, handle: Handle, *, source: str, host: EngineHost | None = None,
+                 functions: dict[str, Callable] | None = None) -> None:
         self.handle = handle
         self.source = source  # where the handler came from, for logs and error messages
         self.host = host
+        # DJL's named handler functions besides handle (register_adapter, ...): a request whose
+        # "handler" property names one is passed to it instead of handle.
+        self.functions = functions or {}
 
     @property
     def capabilities(self) -> Capabilities:
@@ -123,8 +128,8 @@ class ModelService:
              llm: LLMPlan | None = None) -> ModelService:
         """Find, import and warm up the handler. Raises HandlerLoadError. `llm`: the front end's
         plan for the default LLM handler (None: it decides from `properties` if it runs)."""
-        handle, source, host = _resolve_handler(model_dir, properties, llm)
-        service = cls(handle, source=source, host=host)
+        handle, source, host, functions = _resolve_handler(model_dir, properties, llm)
+        service = cls(handle, source=source, host=host, functions=functions)
         # DJL's contract: the first call carries no content, only the init properties, so a
         # handler can load its model there. Whatever it returns is ignored.
         try:
@@ -140,8 +145,20 @@ class ModelService:
         """One result per item, in order. Handler errors become error results, never raise."""
         n = len(items)
         assert n > 0, "invoke() needs at least one request"
+        handle = self.handle
+        function = items[0].properties.get(FUNCTION_PROPERTY)
+        if function is not None:
+            handle = self.functions.get(function)
+            if handle is None:
+                message = (f"{self.source} does not define {function}(inputs)"
+                           if function in CONTROL_FUNCTIONS else
+                           f"unknown handler function {function!r}; known: "
+                           f"{', '.join(CONTROL_FUNCTIONS)}")
+                if function in ADAPTER_FUNCTIONS:
+                    message += "; it cannot manage LoRA adapters"
+                return [failed_result(400, "Bad Request", message, "BadRequest")] * n
         try:
-            out = self.handle(input_from_items(items))
+            out = handle(input_from_items(items))
         except Exception as e:
             if not isinstance(e, ValidationError):
                 logger.exception("handler %s failed on a batch of %d", self.source, n)
@@ -242,8 +259,14 @@ def _split_content(out: Output, n: int) -> list[bytes | None] | str:
 # ---- finding and importing the handler -------------------------------------------------------
 
 
-# (handle, where it came from, the engine-owning handler object when it is the default one)
-Resolved = tuple[Handle, str, "EngineHost | None"]
+# (handle, where it came from, the engine-owning handler object when it is the default one,
+#  the control functions it defines: register_adapter, ...)
+Resolved = tuple[Handle, str, "EngineHost | None", dict[str, Callable]]
+
+
+def _functions(obj: object) -> dict[str, Callable]:
+    return {name: f for name in CONTROL_FUNCTIONS
+            if callable(f := getattr(obj, name, None))}
 
 
 def _resolve_handler(model_dir: str, properties: dict[str, str],
@@ -314,16 +337,16 @@ def _import_module(name: str, model_dir: str) -> ModuleType:
 def _handler_from_module(module: ModuleType, model_dir: str, source: str) -> Resolved:
     handle = getattr(module, "handle", None)
     if callable(handle):
-        return handle, source, None
+        return handle, source, None, _functions(module)
     if any(callable(getattr(module, f, None)) for f in SAGEMAKER_FUNCTIONS):
-        return SageMakerHandler(module, model_dir).handle, source, None
+        return SageMakerHandler(module, model_dir).handle, source, None, _functions(module)
     in_fmt = _tagged(module, INPUT_FORMATTER_TAG)
     out_fmt = _tagged(module, OUTPUT_FORMATTER_TAG)
     if in_fmt is not None or out_fmt is not None:
         # The front end does not import a model.py, so this handler chooses its engine itself.
-        handle, _, host = _default_handler(source, None, input_formatter=in_fmt,
-                                           output_formatter=out_fmt)
-        return handle, f"{source} (formatters on the default LLM handler)", host
+        handle, _, host, functions = _default_handler(source, None, input_formatter=in_fmt,
+                                                      output_formatter=out_fmt)
+        return handle, f"{source} (formatters on the default LLM handler)", host, functions
     raise HandlerLoadError(
         f"{source}: defines no handle(inputs), no SageMaker model_fn/predict_fn and no "
         "@input_formatter/@output_formatter function. Hint: add `def handle(inputs)`")
@@ -347,4 +370,4 @@ def _default_handler(source: str, llm: LLMPlan | None,
         raise HandlerLoadError(
             f"{source}: cannot start the default LLM handler ({DEFAULT_HANDLER_MODULE}): "
             f"{type(e).__name__}: {e}") from e
-    return handler.handle, source, handler
+    return handler.handle, source, handler, _functions(handler)

@@ -258,7 +258,30 @@ def test_tgi_routes_take_what_tgi_and_lorax_clients_send():
     k = parse({"inputs": "hi", "parameters": {**sent, "return_k_alternatives": 3}}, Api.TGI)
     assert k.alternatives == 3 and k.params.top_n_tokens == 3
     for name, value in [("watermark", True), ("grammar", {"type": "json", "value": {}}),
-                        ("adapter_id", "a"), ("merged_adapters", {"ids": ["a"]}),
-                        ("response_format", {"type": "json_object"})]:
+                        ("api_token", "hf_x"), ("response_format", {"type": "json_object"})]:
         e = error_of({"inputs": "hi", "parameters": {**sent, name: value}}, Api.TGI)
         assert e.field == name and "omit it or send null" in e.message
+    # LoRAX's adapter fields select an adapter (the handler checks the name exists).
+    a = parse({"inputs": "hi", "parameters": {**sent, "adapter_id": "a",
+                                              "adapter_source": "local"}}, Api.TGI)
+    assert a.adapters == ("a",) and a.merge is None
+    m = parse({"inputs": "hi", "parameters": {**sent, "merged_adapters": {
+        "ids": ["a", "b"], "weights": [0.25, 0.75], "merge_strategy": "linear"}}}, Api.TGI)
+    assert m.merge == (("a", "b"), (0.25, 0.75)) and m.adapters == ()
+
+
+def test_adapter_fields_are_checked_by_name():
+    assert parse({"inputs": ["x", "y"], "adapters": ["a", ""]}).adapters == ("a", None)
+    assert parse({"inputs": "x", "adapters": "a"}).adapters == ("a",)
+    assert error_of({"inputs": ["x", "y"], "adapters": ["a"]}).field == "adapters"
+    assert error_of({"inputs": "x", "adapters": 3}).field == "adapters"
+    for params, field in [({"adapter_source": "ftp"}, "adapter_source"),
+                          ({"adapter_id": 5}, "adapter_id"),
+                          ({"merged_adapters": {"ids": ["a"], "merge_strategy": "ties"}},
+                           "merged_adapters.merge_strategy"),
+                          ({"merged_adapters": {"ids": ["a", "b"], "weights": [1]}},
+                           "merged_adapters.weights"),
+                          ({"merged_adapters": {"ids": []}}, "merged_adapters.ids"),
+                          ({"merged_adapters": {"ids": ["a"]}, "adapter_id": "b"},
+                           "merged_adapters")]:
+        assert error_of({"inputs": "x", "parameters": params}, Api.TGI).field == field

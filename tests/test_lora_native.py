@@ -209,3 +209,19 @@ def test_linear_merge_is_the_weighted_sum_of_deltas(setup):
         assert max(abs(t.log_prob - lp) for t, lp in zip(got.tokens, lps)) < 1e-4
     finally:
         e.shutdown()
+
+
+def test_gpu_path_kernels_and_graph_inputs_on_cpu(setup):
+    """The CUDA path (gathered LoRA kernel, paged attention, the CUDA-graph static inputs with
+    each row's slot) run eagerly on CPU in Triton's interpreter: still PEFT's tokens."""
+    pytest.importorskip("triton")
+    base, adapters = setup
+    e = engine(base, adapters, attention_backend="triton", cuda_graphs=True)
+    try:
+        assert e.engine.runner.lora_kernel is not None and e.engine.runner.graphs is not None
+        prompts, which = mixed_requests([None, *adapters], 6, seed=4)
+        params = [SamplingParams(max_new_tokens=4, min_new_tokens=4)] * len(prompts)
+        results = e.generate(prompts, params, which)
+        check_against_peft(base, adapters, prompts, which, results, 4)
+    finally:
+        e.shutdown()

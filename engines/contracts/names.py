@@ -21,3 +21,13 @@ API_PROPERTY = "X-LMC-API"
 # Response property a handler sets (as batch_%03d_code) to give one item of a dynamic batch its
 # own HTTP status; it is not sent as a header.
 ITEM_CODE_PROPERTY = "code"
+
+# DJL's request property naming the handler function to call instead of handle(inputs); the
+# front end sets it on management calls (LoRA adapters) that it sends to every worker.
+FUNCTION_PROPERTY = "handler"
+ADAPTER_FUNCTIONS = ("register_adapter", "update_adapter", "unregister_adapter")
+CONTROL_FUNCTIONS = ADAPTER_FUNCTIONS
+
+# The request header that selects a LoRA adapter (SageMaker's name for it). The front end also
+# sets it when an OpenAI `model` or a SageMaker inference component names an adapter.
+ADAPTER_HEADER = "X-Amzn-SageMaker-Adapter-Identifier"

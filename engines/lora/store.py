@@ -21,6 +21,9 @@ from engines.lora.config import AdapterSpec, read_adapter
 from engines.native.spec import ModelSpec
 
 _uids = itertools.count(1)
+# Request-time merges (LoRAX merged_adapters) remembered by their key, least recently used
+# dropped first; they are not part of the registry (not listed, not in 404 messages).
+MAX_MERGES = 256
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,7 @@ class AdapterStore:
         self._lock = threading.Lock()
         self._by_name: dict[str, AdapterRecord] = {}
         self._by_uid: dict[int, AdapterRecord] = {}
+        self._merges: OrderedDict[str, AdapterRecord] = OrderedDict()
         self._cache: OrderedDict[int, object] = OrderedDict()  # uid -> weights, LRU first
         self.host_evictions = 0
 
@@ -110,7 +114,7 @@ class AdapterStore:
 
     def get(self, name: str) -> AdapterRecord:
         with self._lock:
-            record = self._by_name.get(name)
+            record = self._by_name.get(name) or self._merges.get(name)
             if record is None:
                 raise self._not_found(name)
             return record
@@ -139,11 +143,15 @@ class AdapterStore:
                                  f"of its adapters' ranks) is above option.max_lora_rank="
                                  f"{self.max_rank}")
         with self._lock:
-            record = self._by_name.get(name)
-            if record is None:
+            record = self._merges.get(name)
+            if record is None or record.path != path:
                 record = AdapterRecord(name, next(_uids), path, rank)
-                self._by_name[name] = record
+                self._merges[name] = record
                 self._by_uid[record.uid] = record
+                while len(self._merges) > MAX_MERGES:
+                    _, old = self._merges.popitem(last=False)
+                    self._cache.pop(old.uid, None)
+            self._merges.move_to_end(name)
             return record
 
     # -- the host cache -----------------------------------------------------------------------

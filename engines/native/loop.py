@@ -251,6 +251,9 @@ class EngineLoop:
         self._call(lambda e: e.drop_adapter(record))
         return record.describe()
 
+    def check_adapter(self, name: str) -> None:
+        self._lora().get(name)
+
     def list_adapters(self) -> list[dict]:
         return [r.describe() for r in self._lora().records()]
 

@@ -106,10 +106,6 @@ class ModelRunner:
         self.lora = lora
         self.lora_loader = lora_loader
         self.lora_kernel = None
-        if lora is not None and model.device.type == "cuda" and _triton_installed():
-            from engines.native.lora_kernels import lora_delta
-
-            self.lora_kernel = lora_delta
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.device = model.device
@@ -123,6 +119,12 @@ class ModelRunner:
         elif attention == "triton" and not _triton_installed():
             raise ValueError("option.attention_backend=triton needs the triton package")
         self.attention = attention
+        if lora is not None and attention == "triton":
+            # With the GPU kernels (compiled on CUDA; in Triton's interpreter on CPU, for tests)
+            # each row reads its own adapter slot: one launch pair per op, any mix of adapters.
+            from engines.native.lora_kernels import lora_delta
+
+            self.lora_kernel = lora_delta
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and model.tp is None
         if cuda_graphs and attention != "triton":
