@@ -146,12 +146,25 @@ def start_server(model_dir: Path, timeout_s: float = 600) -> tuple[subprocess.Po
                 with urllib.request.urlopen(url + "/ping", timeout=2) as r:
                     if r.status == 200:
                         return proc, url
+            except urllib.error.HTTPError as e:
+                if e.code == 500:  # a model FAILED to load; the server stays up saying so
+                    raise RuntimeError(f"/ping 500: {_ping_error(e)}") from None
+                time.sleep(0.5)  # 503: still loading
             except OSError:
                 time.sleep(0.5)
         raise TimeoutError(f"the server did not answer /ping 200 within {timeout_s:.0f} s")
     except BaseException:
         stop_server(proc)
         raise
+
+
+def _ping_error(e: urllib.error.HTTPError) -> str:
+    text = e.read().decode(errors="replace")
+    try:
+        return "; ".join(f"{name}: {m.get('error', m.get('status'))}"
+                         for name, m in json.loads(text).items())
+    except (ValueError, AttributeError):
+        return text
 
 
 def stop_server(proc: subprocess.Popen) -> None:
@@ -277,6 +290,8 @@ def report(rows: list[dict]) -> tuple[str, list[dict]]:
 
 
 def main() -> int:
+    # A SIGTERM (e.g. from `timeout`) unwinds like Ctrl-C, so the server is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     from engines.options import load_server_options
 
     cache = Path(load_server_options().cache_dir).expanduser()

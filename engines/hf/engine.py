@@ -8,13 +8,22 @@ log-probs need no global RNG state or generate() hooks; greedy output still equa
 `model.generate` token for token.
 
 `generate_stream` is the loop; `generate` collects its events.
+
+LoRA (option.enable_lora): adapters are PEFT adapters on the model (PeftModel), checked at
+registration like the native engine's (engines/lora/config.py). A call whose prompts use several
+adapters runs one static batch per adapter (the base model's with the adapters disabled), one
+after the other; a linear merge is PEFT's add_weighted_adapter with combination_type "cat"
+(ΔW = Σ w_i ΔW_i, the native engine's merge).
 """
 
 from __future__ import annotations
 
+import contextlib
+import itertools
+import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +31,8 @@ import torch
 
 from engines.contracts.engine import Capabilities
 from engines.detokenizer import TextStream
+from engines.lora.api import LoraApi
+from engines.lora.store import AdapterRecord, AdapterStore
 from engines.tokenizing import TokenizerMixin
 from engines.prompt import prompt_ids as checked_prompt_ids
 from engines.sampler import RowState, sample_rows
@@ -59,13 +70,16 @@ class _Row:
     finish_reason: FinishReason | None = None
 
 
-class HFEngine(TokenizerMixin):
+class HFEngine(LoraApi, TokenizerMixin):
     """Loads a local HF model dir (safetensors) with transformers and generates in batches."""
 
     # One call at a time: each call is its own static batch (engines/contracts/engine.py).
     capabilities = Capabilities()
+    lora_store: AdapterStore | None = None
 
-    def __init__(self, model_dir: str, *, dtype: str = "auto", device: str | None = None) -> None:
+    def __init__(self, model_dir: str, *, dtype: str = "auto", device: str | None = None,
+                 enable_lora: bool = False, max_loras: int = 4, max_cpu_loras: int | None = None,
+                 max_lora_rank: int = 16) -> None:
         # Models come from local dirs only; a hub lookup would hang without network.
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -91,6 +105,60 @@ class HFEngine(TokenizerMixin):
         # tokenizer has no pad token.
         pad = self.tokenizer.pad_token_id
         self.pad_token_id: int = pad if pad is not None else min(self.eos_token_ids, default=0)
+        if enable_lora:
+            from engines.lora.config import base_spec_or_none
+
+            self.capabilities = Capabilities(lora=True)
+            self._peft_names = (f"lmc{i}" for i in itertools.count())
+            self.lora_store = AdapterStore(
+                base_spec_or_none(path), max_rank=max_lora_rank,
+                # Every adapter PEFT loads stays on the model; the cache bounds how many.
+                max_cpu_loras=max(max_cpu_loras or max_loras, max_loras), load=self._peft_load,
+                on_evict=self._peft_delete)
+
+    # ------------------------------------------------------------------------------------------
+    # LoRA (PEFT)
+    # ------------------------------------------------------------------------------------------
+
+    def _peft_load(self, path: str) -> str:
+        """Load an adapter (or a linear merge of adapters) onto the model: its PEFT name."""
+        from engines.lora.weights import MERGE_PREFIX
+
+        name = next(self._peft_names)
+        if path.startswith(MERGE_PREFIX):
+            merge = json.loads(path[len(MERGE_PREFIX):])
+            parts = [self._peft_load(p) for p in merge["ids"]]
+            self.model.add_weighted_adapter(parts, merge["weights"], name,
+                                            combination_type="cat")
+            for part in parts:
+                self.model.delete_adapter(part)
+            return name
+        from peft import PeftModel
+
+        if isinstance(self.model, PeftModel):
+            self.model.load_adapter(path, adapter_name=name)
+        else:
+            self.model = PeftModel.from_pretrained(self.model, path, adapter_name=name).eval()
+        return name
+
+    def _peft_delete(self, name: str) -> None:
+        self.model.delete_adapter(name)
+
+    def _drop(self, record: AdapterRecord) -> None:
+        self.lora_store.evict(record.uid)
+
+    @contextlib.contextmanager
+    def _adapter(self, peft_name: str | None):
+        from peft import PeftModel
+
+        if not isinstance(self.model, PeftModel):
+            yield
+        elif peft_name is None:
+            with self.model.disable_adapter():
+                yield
+        else:
+            self.model.set_adapter(peft_name)
+            yield
 
     # ------------------------------------------------------------------------------------------
     # Public helpers
@@ -112,21 +180,43 @@ class HFEngine(TokenizerMixin):
     # ------------------------------------------------------------------------------------------
 
     def generate(
-        self, prompts: list[str | list[int]], params: list[SamplingParams]
+        self, prompts: list[str | list[int]], params: list[SamplingParams],
+        adapters: list[str | None] | None = None,
     ) -> list[GenerationResult]:
-        """Generate for all prompts as one batch; results in the order of `prompts`."""
+        """Generate for all prompts as one batch (one per adapter); results in the order of
+        `prompts`."""
         rows = self._new_rows(prompts, params)
-        return collect_results(self._run(rows), params, [len(r.prompt_ids) for r in rows])
+        stream = self._by_adapter(rows, self.adapter_records(adapters, len(rows)))
+        return collect_results(stream, params, [len(r.prompt_ids) for r in rows])
 
     def generate_stream(
-        self, prompts: list[str | list[int]], params: list[SamplingParams]
+        self, prompts: list[str | list[int]], params: list[SamplingParams],
+        adapters: list[str | None] | None = None,
     ) -> Iterator[list[TokenEvent]]:
         """Generate for all prompts as one batch, yielding after every decode step the events of
-        that step: one per request still running, in batch order.
+        that step: one per request still running, in batch order. With several adapters, one
+        batch per adapter runs after the other.
 
         Bad inputs raise here, before the first step; the iterator only runs the model.
         """
-        return self._run(self._new_rows(prompts, params))
+        rows = self._new_rows(prompts, params)
+        return self._by_adapter(rows, self.adapter_records(adapters, len(rows)))
+
+    def _by_adapter(self, rows: list[_Row],
+                    records: list[AdapterRecord | None]) -> Iterator[list[TokenEvent]]:
+        if not any(records):
+            yield from self._run(rows)
+            return
+        groups: dict[int, list[int]] = {}
+        for i, record in enumerate(records):
+            groups.setdefault(record.uid if record else 0, []).append(i)
+        for uid, members in groups.items():
+            record = records[members[0]]
+            peft_name = self.lora_store.weights_of(record) if record else None
+            local = [replace(rows[i], index=j) for j, i in enumerate(members)]
+            with self._adapter(peft_name):
+                for events in self._run(local):
+                    yield [replace(e, index=members[e.index]) for e in events]
 
     # ---- lifecycle (the Engine contract) ---------------------------------------------------------
 

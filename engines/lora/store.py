@@ -45,13 +45,17 @@ class AdapterRecord:
 
 
 class AdapterStore:
-    def __init__(self, base: ModelSpec, *, max_rank: int, max_cpu_loras: int,
-                 load: Callable[[str], object]) -> None:
-        """`load(path)` -> the engine's weights object for an adapter path."""
+    def __init__(self, base: ModelSpec | None, *, max_rank: int, max_cpu_loras: int,
+                 load: Callable[[str], object],
+                 on_evict: Callable[[object], None] | None = None) -> None:
+        """`load(path)` -> the engine's weights object for an adapter path; `on_evict(weights)`
+        when the cache lets one go. `base`: the base model's shapes for the checks (None: a
+        model the checks do not know, e.g. not Llama-family on the hf engine)."""
         self.base = base
         self.max_rank = max_rank
         self.max_cpu_loras = max_cpu_loras
         self._load = load
+        self._on_evict = on_evict
         self._lock = threading.Lock()
         self._by_name: dict[str, AdapterRecord] = {}
         self._by_uid: dict[int, AdapterRecord] = {}
@@ -100,8 +104,8 @@ class AdapterStore:
                 raise Conflict(f"adapter {name!r} changed while being updated; retry")
             self._by_name[name] = new
             self._by_uid[new.uid] = new
-            if new.uid != old.uid:
-                self._cache.pop(old.uid, None)
+        if new.uid != old.uid:
+            self.evict(old.uid)
         return old, new
 
     def remove(self, name: str) -> AdapterRecord:
@@ -109,8 +113,18 @@ class AdapterStore:
             record = self._by_name.pop(name, None)
             if record is None:
                 raise self._not_found(name)
-            self._cache.pop(record.uid, None)
+            dropped = self._cache.pop(record.uid, None)
+        self._evicted(dropped)
         return record
+
+    def evict(self, uid: int) -> None:
+        with self._lock:
+            dropped = self._cache.pop(uid, None)
+        self._evicted(dropped)
+
+    def _evicted(self, weights: object | None) -> None:
+        if weights is not None and self._on_evict is not None:
+            self._on_evict(weights)
 
     def get(self, name: str) -> AdapterRecord:
         with self._lock:
@@ -142,6 +156,7 @@ class AdapterStore:
             raise InvalidAdapter("merged_adapters", f"the merged adapter's rank {rank} (the sum "
                                  f"of its adapters' ranks) is above option.max_lora_rank="
                                  f"{self.max_rank}")
+        dropped = []
         with self._lock:
             record = self._merges.get(name)
             if record is None or record.path != path:
@@ -150,9 +165,11 @@ class AdapterStore:
                 self._by_uid[record.uid] = record
                 while len(self._merges) > MAX_MERGES:
                     _, old = self._merges.popitem(last=False)
-                    self._cache.pop(old.uid, None)
+                    dropped.append(old.uid)
             self._merges.move_to_end(name)
-            return record
+        for uid in dropped:
+            self.evict(uid)
+        return record
 
     # -- the host cache -----------------------------------------------------------------------
 
@@ -171,6 +188,7 @@ class AdapterStore:
         return w
 
     def _insert(self, uid: int, weights: object, *, pinned: bool) -> None:
+        dropped = []
         with self._lock:
             self._cache[uid] = weights
             self._cache.move_to_end(uid)
@@ -181,8 +199,10 @@ class AdapterStore:
                 if len(self._cache) <= self.max_cpu_loras:
                     break
                 if old != uid and old not in pinned_uids:
-                    del self._cache[old]
+                    dropped.append(self._cache.pop(old))
                     self.host_evictions += 1
+        for weights in dropped:
+            self._evicted(weights)
 
     def cached(self) -> list[int]:
         with self._lock:

@@ -32,7 +32,7 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from engines.contracts.engine import Capabilities, TPMode
-from engines.contracts.errors import NoAdapterSlot, ValidationError
+from engines.lora.api import LoraApi
 from engines.lora.store import AdapterRecord
 from engines.prompt import prompt_ids
 from engines.types import GenerationResult, SamplingParams, TokenEvent, collect_results
@@ -88,7 +88,7 @@ class RequestFailed:
     error: BaseException
 
 
-class EngineLoop:
+class EngineLoop(LoraApi):
     """Wraps a NativeEngine; the engine object must only be stepped by this loop's thread.
     On a tensor-parallel follower (rank > 0) no thread runs: call `follow()`."""
 
@@ -100,6 +100,7 @@ class EngineLoop:
         self.max_context = engine.max_context
         self.eos_token_ids = engine.eos_token_ids
         self.vocab_size = engine.vocab_size
+        self.lora_store = engine.lora_store
         self.capabilities = Capabilities(
             max_concurrency=engine.scheduler.max_num_seqs,
             tp_mode=TPMode.ENGINE if engine.tp is not None else TPMode.NONE,
@@ -148,27 +149,10 @@ class EngineLoop:
                                "rank 0, this rank runs follow()")
         if len(prompts) != len(params):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
-        records = self._adapter_records(adapters, len(prompts))
+        records = self.adapter_records(adapters, len(prompts))
         ids = [prompt_ids(p, sp, encode=self.engine.encode, vocab_size=self.vocab_size,
                           max_context=self.max_context) for p, sp in zip(prompts, params)]
         return self._stream(ids, params, records)
-
-    def _adapter_records(self, adapters: list[str | None] | None,
-                         n: int) -> list[AdapterRecord | None]:
-        """The adapters' records, their weights in host memory (read here, on the request
-        thread, if they were not)."""
-        if not adapters or not any(adapters):
-            return [None] * n
-        store = self.engine.lora_store
-        if store is None:
-            raise ValidationError("adapters", "LoRA adapters are not enabled for this model; "
-                                              "set option.enable_lora=true to serve them")
-        if len(adapters) != n:
-            raise ValueError(f"got {n} prompts but {len(adapters)} adapters")
-        records = [store.get(a) if a else None for a in adapters]
-        for r in {r.uid: r for r in records if r is not None}.values():
-            store.weights_of(r)
-        return records
 
     def _stream(self, ids: list[list[int]], params: list[SamplingParams],
                 adapters: list[AdapterRecord | None] | None = None) -> Iterator[list[TokenEvent]]:
@@ -204,14 +188,7 @@ class EngineLoop:
         prompt_lens = [len(p) if isinstance(p, list) else self.count_tokens(p) for p in prompts]
         return collect_results(stream, params, prompt_lens)
 
-    # -- LoRA adapters (any thread) -------------------------------------------------------------
-
-    def _lora(self):
-        store = self.engine.lora_store
-        if store is None:
-            raise ValidationError("adapters", "LoRA adapters are not enabled for this model; "
-                                              "set option.enable_lora=true to serve them")
-        return store
+    # -- LoRA adapters (any thread; engines/lora/api.py): slots change on the loop thread ------
 
     def _call(self, fn: Callable[[Any], Any], timeout_s: float = 60.0) -> Any:
         """fn(engine) on the loop thread, between two steps."""
@@ -219,53 +196,17 @@ class EngineLoop:
         self._commands.put(CallOnLoop(fn, done))
         return done.result(timeout_s)
 
-    def add_adapter(self, name: str, src: str, *, pin: bool = False,
-                    preload: bool = True) -> dict:
-        record = self._lora().register(name, src, pin=pin, preload=preload)
-        if pin and not self._call(lambda e: e.pin_adapter(record)):
-            self.engine.lora_store.remove(name)
-            raise NoAdapterSlot(f"adapter {name!r} cannot be pinned: all "
-                                f"{self.engine.lora_slots.max_loras} adapter slots are pinned "
-                                f"or in use (option.max_loras); unpin one or raise max_loras")
-        return record.describe()
+    def _pin(self, record: AdapterRecord) -> bool:
+        return self._call(lambda e: e.pin_adapter(record))
 
-    def update_adapter(self, name: str, *, src: str | None = None, pin: bool | None = None,
-                       preload: bool | None = None) -> dict:
-        old, new = self._lora().update(name, path=src, pin=pin, preload=preload)
+    def _unpin(self, record: AdapterRecord) -> None:
+        self._call(lambda e: e.unpin_adapter(record))
 
-        def apply(engine) -> bool:
-            if new.uid != old.uid:
-                engine.drop_adapter(old)
-            elif old.pinned and not new.pinned:
-                engine.unpin_adapter(new)
-            return not new.pinned or engine.pin_adapter(new)
-
-        if not self._call(apply):
-            self._lora().update(name, pin=False)
-            raise NoAdapterSlot(f"adapter {name!r} cannot be pinned: all adapter slots are "
-                                f"pinned or in use (option.max_loras)")
-        return new.describe()
-
-    def remove_adapter(self, name: str) -> dict:
-        record = self._lora().remove(name)
+    def _drop(self, record: AdapterRecord) -> None:
         self._call(lambda e: e.drop_adapter(record))
-        return record.describe()
 
-    def check_adapter(self, name: str) -> None:
-        self._lora().get(name)
-
-    def list_adapters(self) -> list[dict]:
-        return [r.describe() for r in self._lora().records()]
-
-    def merge_adapters(self, names: list[str], weights: list[float]) -> str:
-        """A linear merge of registered adapters, as a request-time adapter; its name."""
-        from engines.lora.weights import merge_path
-
-        store = self._lora()
-        records = [store.get(n) for n in names]
-        key = "merge(" + ",".join(f"{n}*{w:g}" for n, w in zip(names, weights)) + ")"
-        return store.add_dynamic(key, merge_path([r.path for r in records], list(weights)),
-                                 sum(r.rank for r in records)).name
+    def _slots_text(self) -> str:
+        return f"{self.engine.lora_slots.max_loras} adapter slots"
 
     # -- engine side (the loop thread) ----------------------------------------------------------
 
