@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_models import make_tiny_model, make_tiny_qwen2
+from tiny_models import make_tiny_lora, make_tiny_model, make_tiny_qwen2
 from tp_scripts.native_tp_run import run_case
 
 from engines.native.engine import NativeEngine
@@ -65,6 +65,25 @@ def _cases(root: Path) -> list[dict]:
         cases.append({"name": f"{name}-chunked-staggered", "model_dir": str(models[name]),
                       "engine": {**base, "max_num_batched_tokens": 8}, "prompts": prompts,
                       "params": params, "stagger": 3})
+    # LoRA: A and B sharded like the weights they modify (column-parallel q/k/v/gate/up: B's
+    # rows; row-parallel o/down: A's columns); 3 adapters in 2 slots, so the followers load
+    # their shards again when a slot is reused.
+    for name in ("llama", "qwen2"):
+        adapters = {
+            "qkv": make_tiny_lora(models[name], root / f"{name}-qkv", r=8, seed=1,
+                                  targets=("q_proj", "k_proj", "v_proj")),
+            "od": make_tiny_lora(models[name], root / f"{name}-od", r=16, alpha=32, seed=2,
+                                 targets=("o_proj", "down_proj")),
+            "all": make_tiny_lora(models[name], root / f"{name}-all", r=8, seed=3,
+                                  use_rslora=True),
+        }
+        vocab = {"llama": 383, "qwen2": 384}[name]
+        prompts, params = _workload(seed=20, n=8, vocab=vocab)
+        cases.append({"name": f"{name}-lora", "model_dir": str(models[name]),
+                      "engine": {**base, "enable_lora": True, "max_loras": 2},
+                      "prompts": prompts, "params": params,
+                      "adapters": {k: str(v) for k, v in adapters.items()},
+                      "which": [None, "qkv", "od", "all"] * 2})
     return cases
 
 
@@ -128,6 +147,18 @@ def test_tp2_matches_tp1_token_for_token(tmp_path):
                 assert g["prefill_log_probs"][0] is None
                 assert g["prefill_log_probs"][1:] == pytest.approx(
                     w["prefill_log_probs"][1:], abs=1e-4), where
+        if case.get("which"):  # LoRA through TP=2 is PEFT's adapter merged into the base
+            from test_lora_native import greedy_with_logprobs, reference
+
+            for i, (g, name) in enumerate(zip(g_case, case["which"])):
+                p = case["params"][i]
+                if p["min_new_tokens"] != p["max_new_tokens"]:
+                    continue  # may stop at EOS: compared with TP=1 above
+                ids, lps = greedy_with_logprobs(
+                    reference(case["model_dir"], case["adapters"][name] if name else None),
+                    case["prompts"][i], p["max_new_tokens"])
+                assert g["token_ids"] == ids, f"{case['name']} request {i}"
+                assert g["log_probs"] == pytest.approx(lps, abs=1e-4)
 
 
 def test_heads_that_do_not_split_are_refused(tmp_path):

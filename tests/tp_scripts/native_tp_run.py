@@ -9,8 +9,10 @@ the other ranks sit in follow() until then. Rank 0 writes OUT_DIR/results.json (
 per-request results per case); every rank writes OUT_DIR/rank<r>.json with what it did.
 
 A case: {"model_dir", "engine": NativeEngine kwargs, "prompts": [[ids]], "params": [dicts of
-SamplingParams], "stagger": k}. With stagger > 0 the first k requests start alone, and the rest
-are added while those are still generating.
+SamplingParams], "stagger": k, "adapters": {name: LoRA adapter dir}, "which": [adapter name or
+null per prompt]}. With stagger > 0 the first k requests start alone, and the rest are added
+while those are still generating. Adapters are registered on rank 0 only: the other ranks load
+their shards of an adapter when a step's plan puts it in a slot.
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ def run_case(loop, case: dict) -> list[dict]:
     params = [SamplingParams(**p) for p in case["params"]]
     lens = [len(p) for p in prompts]
     k = case.get("stagger", 0)
-    if k:
+    for name, path in case.get("adapters", {}).items():
+        loop.add_adapter(name, path)
+    if case.get("which"):
+        results = loop.generate(prompts, params, case["which"])
+    elif k:
         first = loop.generate_stream(prompts[:k], params[:k])
         early = [next(first) for _ in range(3)]  # the first requests are generating now
         second = loop.generate_stream(prompts[k:], params[k:])
