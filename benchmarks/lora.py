@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import serving  # noqa: E402
-from serving import free_port, prompt_text, run_level  # noqa: E402
+from serving import free_port, run_level  # noqa: E402
 
 ADAPTERS = tuple(f"a{i:02d}" for i in range(16))
 LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -121,17 +121,18 @@ def link_model_dir(base_dir: Path, out: Path, properties: dict[str, str]) -> Pat
 
 # ---- the server -------------------------------------------------------------------------------
 
-# serving.py's start_server, with the server in its own process group (so that it and its
-# workers can all be stopped) and a server that exits (a configuration error) noticed at once.
+# Left out of the server's environment: serving.properties alone decides these.
 _LORA_ENV = ("OPTION_ENABLE_LORA", "OPTION_MAX_LORAS", "OPTION_MAX_LORA_RANK",
              "OPTION_MAX_CPU_LORAS", "OPTION_MAX_ROLLING_BATCH_SIZE")
 
 
 def start_server(model_dir: Path, timeout_s: float = 600) -> tuple[subprocess.Popen, str]:
+    """serving.py's start_server (`--model-dir`, `--port`), with the server in its own process
+    group, so that it and its workers can all be stopped, and a server that exits or reports
+    its model FAILED (/ping 500) noticed at once instead of waiting out the timeout."""
     port = free_port()
     cmd = [sys.executable, "-m", "container", "serve", "--host", "127.0.0.1", "--port", str(port),
            "--model-dir", str(model_dir)]
-    # serving.properties alone decides the LoRA and batch options.
     env = {k: v for k, v in os.environ.items() if k not in _LORA_ENV}
     env.update(LMC_LOG_LEVEL="WARNING", SAGEMAKER_BIND_TO_PORT=str(port))
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)

@@ -225,3 +225,21 @@ def test_gpu_path_kernels_and_graph_inputs_on_cpu(setup):
         check_against_peft(base, adapters, prompts, which, results, 4)
     finally:
         e.shutdown()
+
+
+def test_bin_adapter_is_loaded_as_tensors_only(setup, tmp_path):
+    """adapter_model.bin (no safetensors): loaded with torch.load(weights_only=True), its
+    shapes checked after loading, and served like any other."""
+    base, _ = setup
+    path = make_tiny_lora(base, tmp_path / "bin", r=8, seed=9, safetensors=False,
+                          targets=("q_proj", "up_proj"))
+    assert (path / "adapter_model.bin").is_file()
+    assert not (path / "adapter_model.safetensors").exists()
+    e = engine(base, {"bin": str(path)})
+    try:
+        prompts, which = mixed_requests(["bin", None], 2, seed=5)
+        params = [SamplingParams(max_new_tokens=4, min_new_tokens=4)] * 2
+        check_against_peft(base, {"bin": str(path)}, prompts, which,
+                           e.generate(prompts, params, which), 4)
+    finally:
+        e.shutdown()

@@ -75,7 +75,8 @@ def test_validation_errors_are_the_clients_validation_error(clients):
     # What LMC cannot honour yet is refused by name, never silently ignored.
     with pytest.raises(tgi_errors.ValidationError, match="watermark"):
         clients["tgi"].generate(PROMPT, max_new_tokens=2, watermark=True)
-    with pytest.raises(lorax_errors.ValidationError, match="adapter_id.*not served yet"):
+    # This model has no LoRA: an adapter is refused naming the option, never the base model.
+    with pytest.raises(lorax_errors.ValidationError, match="option.enable_lora=true"):
         clients["lorax"].generate(PROMPT, max_new_tokens=2, adapter_id="my-adapter")
     with pytest.raises(lorax_errors.ValidationError, match="response_format"):
         clients["lorax"].generate(PROMPT, max_new_tokens=2,
