@@ -47,10 +47,11 @@ class Adapter:
     path: str  # the local directory workers load
     preload: bool = True
     pin: bool = False
+    options: tuple[tuple[str, str], ...] = ()  # model-specific options given at registration
 
     def describe(self) -> dict:
         return {"name": self.name, "src": self.src, "path": self.path, "preload": self.preload,
-                "pin": self.pin}
+                "pin": self.pin, **dict(self.options)}
 
 
 def scan_adapters_dir(model_dir: str | Path) -> list[tuple[str, str]]:
@@ -143,12 +144,13 @@ class AdapterRegistry:
     # -- changes, on every worker ---------------------------------------------------------------
 
     async def register(self, name: str, src: str, *, preload: bool = True,
-                       pin: bool = False) -> Adapter:
+                       pin: bool = False, options: dict[str, str] | None = None) -> Adapter:
         self.check_enabled()
         if name in self.adapters:
             raise E.Conflict(f"adapter {name!r} is already registered on model "
                              f"{self.model.name!r}; unregister it first or use its update route")
         adapter = await self.prepare(name, src, preload=preload, pin=pin)
+        adapter = replace(adapter, options=tuple(sorted((options or {}).items())))
         async with self._lock:
             if name in self.adapters:
                 raise E.Conflict(f"adapter {name!r} is already registered")
@@ -223,8 +225,9 @@ class AdapterRegistry:
 
     async def _call(self, w: Worker, function: str, adapter: Adapter, *,
                     check: bool = True) -> None:
-        props = {FUNCTION_PROPERTY: function, "name": adapter.name, "src": adapter.path,
-                 "preload": str(adapter.preload).lower(), "pin": str(adapter.pin).lower()}
+        props = {**dict(adapter.options), FUNCTION_PROPERTY: function, "name": adapter.name,
+                 "src": adapter.path, "preload": str(adapter.preload).lower(),
+                 "pin": str(adapter.pin).lower()}
         content = [("preload", props["preload"].encode()), ("pin", props["pin"].encode())]
         job = Job(new_request_item(props, content))
         await w.run([job])

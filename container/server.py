@@ -302,6 +302,9 @@ def _bool_param(request: web.Request, key: str) -> bool | None:
     return raw.lower() == "true"
 
 
+_ADAPTER_PARAMS = frozenset({"name", "src", "preload", "pin"})
+
+
 def _adapter_model(request: web.Request) -> Model:
     name = request.match_info.get("model")
     mgr: ModelManager = request.app["models"]
@@ -309,8 +312,15 @@ def _adapter_model(request: web.Request) -> Model:
 
 
 async def list_adapters(request: web.Request) -> web.Response:
+    """DJL's paginated list: ?limit= (default 100) and ?next_page_token= (an offset)."""
     model = _adapter_model(request)
-    return json_response({"adapters": [a.describe() for a in model.adapters.adapters.values()]})
+    limit = _int_param(request, "limit", minimum=1) or 100
+    start = _int_param(request, "next_page_token", minimum=0) or 0
+    adapters = list(model.adapters.adapters.values())
+    body: dict = {"adapters": [a.describe() for a in adapters[start:start + limit]]}
+    if start + limit < len(adapters):
+        body["nextPageToken"] = str(start + limit)
+    return json_response(body)
 
 
 async def register_adapter(request: web.Request) -> web.Response:
@@ -320,14 +330,16 @@ async def register_adapter(request: web.Request) -> web.Response:
         raise E.ValidationError("name" if not name else "src", "query parameters name and src "
                                 "are required: POST /models/{model}/adapters?name=a1&src=/path")
     preload, pin = _bool_param(request, "preload"), _bool_param(request, "pin")
+    # DJL: any other argument is a model-specific option, passed on to register_adapter.
+    options = {k: v for k, v in request.query.items() if k not in _ADAPTER_PARAMS}
     await model.adapters.register(name, src, preload=True if preload is None else preload,
-                                  pin=bool(pin))
+                                  pin=bool(pin), options=options)
     return json_response({"status": f"Adapter {name} registered"})
 
 
 async def describe_adapter(request: web.Request) -> web.Response:
     adapter = _adapter_model(request).adapters.get(request.match_info["adapter"])
-    return json_response(adapter.describe())
+    return json_response([adapter.describe()])  # DJL answers a list
 
 
 async def update_adapter(request: web.Request) -> web.Response:

@@ -331,6 +331,7 @@ class Model:
             "queueSize": self.queue.maxsize,
             "queueLength": self.queue.qsize(),
             "tensorParallelDegree": self.tp,
+            "adapters": sorted(self.adapters.adapters),
             "workers": [vars(w.info()) for w in self.workers],
         }
 

@@ -205,12 +205,17 @@ def test_djl_adapter_routes(lora):
     src = adapter_path(lora, "down8")
     r = lora.post(f"/models/{NAME}/adapters?name=down8&src={src}")
     assert r.status == 200 and r.json() == {"status": "Adapter down8 registered"}
-    assert lora.request("GET", f"/models/{NAME}/adapters/down8").json()["src"] == src
+    assert lora.request("GET", f"/models/{NAME}/adapters/down8").json()[0]["src"] == src
+    page = lora.request("GET", f"/models/{NAME}/adapters?limit=2").json()
+    assert [a["name"] for a in page["adapters"]] == ["all16", "qv8"]
+    assert page["nextPageToken"] == "2"
+    rest = lora.request("GET", f"/models/{NAME}/adapters?limit=2&next_page_token=2").json()
+    assert [a["name"] for a in rest["adapters"]] == ["down8"] and "nextPageToken" not in rest
     assert token_ids(lmi(lora, {"inputs": PROMPT, "adapters": "down8"})) == \
         reference_ids(str(lora.base), src, PROMPT)
     assert lora.post(f"/models/{NAME}/adapters?name=down8&src={src}").status == 409
     assert lora.post(f"/models/{NAME}/adapters/down8/update?pin=true").status == 200
-    assert lora.request("GET", f"/models/{NAME}/adapters/down8").json()["pin"] is True
+    assert lora.request("GET", f"/models/{NAME}/adapters/down8").json()[0]["pin"] is True
     # max_loras=2 and down8 holds one slot: pinning a second leaves requests one slot, a
     # third pin has none.
     assert lora.post(f"/models/{NAME}/adapters/qv8/update?pin=true").status == 200
@@ -292,7 +297,8 @@ adapters = {}
 
 def register_adapter(inputs: Input):
     adapters[inputs.get_property("name")] = (inputs.get_property("src"),
-                                             inputs.get_as_string("pin"))
+                                             inputs.get_as_string("pin"),
+                                             inputs.get_property("echooption"))
     return Output().add("registered")
 
 
@@ -317,12 +323,14 @@ def test_custom_model_py_gets_the_adapter_calls(tmp_path):
     (d / "model.py").write_text(CUSTOM_MODEL)
     with LmcServer(["--model-dir", str(d)], env={"LMC_ALLOWED_URLS": str(tmp_path)}) as srv:
         r = srv.post("/invocations", b"x", headers={"X-Amzn-SageMaker-Adapter-Identifier": "one"})
-        assert r.json() == {"adapter": "one", "known": [str(d / "adapters" / "one"), "false"]}
+        assert r.json() == {"adapter": "one",
+                            "known": [str(d / "adapters" / "one"), "false", None]}
         (tmp_path / "two").mkdir()
+        # Other arguments are model-specific options, passed on (DJL).
         assert srv.post(f"/models/custom/adapters?name=two&src={tmp_path / 'two'}"
-                        f"&pin=true").status == 200
+                        f"&pin=true&echooption=hello").status == 200
         r = srv.post("/invocations", b"x", headers={"X-Amzn-SageMaker-Adapter-Identifier": "two"})
-        assert r.json()["known"] == [str(tmp_path / "two"), "true"]
+        assert r.json()["known"] == [str(tmp_path / "two"), "true", "hello"]
         assert srv.request("DELETE", "/models/custom/adapters/two").status == 200
         r = srv.post("/invocations", b"x", headers={"X-Amzn-SageMaker-Adapter-Identifier": "two"})
         assert r.json()["known"] is None
