@@ -17,6 +17,11 @@ dir at load (LMI's convention). A request selects one with the top-level `"adapt
 
     .venv/bin/python benchmarks/lora.py                            # all five configurations
     .venv/bin/python benchmarks/lora.py --configs base lora-16 --json /tmp/lora.json
+    .venv/bin/python benchmarks/lora.py --rounds 3 --requests-per-client 1
+
+With --rounds N the configurations run N times in turn (base, lora-0, ..., base, lora-0, ...);
+each ratio is against the base run of the same round, and the table gives the medians, so a
+slow spell of the machine moves a whole round rather than one configuration.
 """
 
 from __future__ import annotations
@@ -260,19 +265,45 @@ def _ms(x: float) -> str:
     return f"{x:,.0f} ms"
 
 
-def report(rows: list[dict]) -> tuple[str, list[dict]]:
-    base = next((r for r in rows if r["config"] == "base" and "error" not in r), None)
-    lines = ["| config | distinct adapters | out tok/s | TTFT p50 | TPOT p50 | vs base |",
-             "| --- | --- | --- | --- | --- | --- |"]
+def _median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
+
+
+def report(runs: list[dict]) -> tuple[str, list[dict]]:
+    """One line per config: medians over rounds; ratios against the same round's base."""
+    bases = {r["round"]: r for r in runs if r["config"] == "base" and "error" not in r}
+    for r in runs:
+        if "error" not in r and r.get("round") in bases:
+            r["ratio_vs_base"] = r["out_tok_s"] / bases[r["round"]]["out_tok_s"]
+    rows = []
+    for name in dict.fromkeys(r["config"] for r in runs):
+        mine = [r for r in runs if r["config"] == name and "error" not in r]
+        if not mine:
+            rows.append(next(r for r in runs if r["config"] == name))
+            continue
+        row = {"config": name, "adapters": mine[0]["adapters"], "rounds": len(mine),
+               "out_tok_s": _median([r["out_tok_s"] for r in mine]),
+               "out_tok_s_all": [round(r["out_tok_s"], 1) for r in mine],
+               "ttft_p50": _median([r["ttft_ms"]["p50"] for r in mine]),
+               "tpot_p50": _median([r["tpot_ms"]["p50"] for r in mine])}
+        ratios = [r["ratio_vs_base"] for r in mine if "ratio_vs_base" in r]
+        if ratios:
+            row["ratio_vs_base"] = _median(ratios)
+            row["ratios"] = [round(x, 3) for x in ratios]
+        rows.append(row)
+    lines = ["| config | distinct adapters | out tok/s (median) | TTFT p50 | TPOT p50 | "
+             "× base (median of rounds) | per round |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['config']} | {r['adapters']} | failed: {r['error']} | | | |")
+            lines.append(f"| {r['config']} | {r['adapters']} | failed: {r['error']} | | | | |")
             continue
-        if base:
-            r["ratio_vs_base"] = r["out_tok_s"] / base["out_tok_s"]
         ratio = f"×{r['ratio_vs_base']:.2f}" if "ratio_vs_base" in r else "n/a"
+        per = ", ".join(f"{x:.2f}" for x in r.get("ratios", []))
         lines.append(f"| {r['config']} | {r['adapters']} | {r['out_tok_s']:.1f} | "
-                     f"{_ms(r['ttft_ms']['p50'])} | {_ms(r['tpot_ms']['p50'])} | {ratio} |")
+                     f"{_ms(r['ttft_p50'])} | {_ms(r['tpot_p50'])} | {ratio} | {per} |")
     checks = []
     by_name = {r["config"]: r for r in rows}
     for name, need in TARGETS:
@@ -306,6 +337,8 @@ def main() -> int:
     ap.add_argument("--work-dir", type=Path, default=None,
                     help=f"adapters and model dirs (default: {cache / 'bench' / 'lora'}, "
                          f"else /tmp/lmc-lora-bench)")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run every configuration this many times, in turn; report medians")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     configs = list(dict.fromkeys(args.configs))
@@ -333,15 +366,16 @@ def main() -> int:
           f"{args.requests_per_client} requests, {args.input_words} words in, "
           f"{args.max_new_tokens} tokens out; {os.cpu_count()} CPUs", flush=True)
     rows = []
-    for name in configs:
-        print(f"--- {name}: starting the server", flush=True)
+    for round_, name in ((k, c) for k in range(args.rounds) for c in configs):
+        print(f"--- round {round_ + 1}/{args.rounds} {name}: starting the server", flush=True)
         try:
             r = run_config(name, model_dirs[CONFIGS[name][0]], args)
         except Exception as e:  # noqa: BLE001 - reported in the table, the others still run
             print(f"--- {name} failed: {e}", flush=True)
-            rows.append({"config": name, "adapters": CONFIGS[name][1],
+            rows.append({"config": name, "adapters": CONFIGS[name][1], "round": round_,
                          "error": str(e).splitlines()[0][:200].replace("|", "/")})
             continue
+        r["round"] = round_
         rows.append(r)
         print(f"--- {name}: {r['out_tok_s']:.1f} out tok/s, TTFT p50 {r['ttft_ms']['p50']:.0f} "
               f"ms, TPOT p50 {r['tpot_ms']['p50']:.1f} ms, requests per adapter "
@@ -358,7 +392,7 @@ def main() -> int:
             {"model": str(smol), "concurrency": args.concurrency,
              "requests_per_client": args.requests_per_client, "input_words": args.input_words,
              "max_new_tokens": args.max_new_tokens, "cpus": os.cpu_count(),
-             "rows": rows, "checks": checks}, indent=2))
+             "rounds": args.rounds, "runs": rows, "checks": checks}, indent=2))
     return 1 if any("error" in r for r in rows) else 0
 
 

@@ -243,3 +243,45 @@ def test_bin_adapter_is_loaded_as_tensors_only(setup, tmp_path):
                            e.generate(prompts, params, which), 4)
     finally:
         e.shutdown()
+
+
+def test_packed_decode_path_equals_peft(setup, tmp_path):
+    """Five adapters decoding at once (few rows each): the groups run as one batched matmul
+    pair over the slots (lora.pack_groups); still PEFT's tokens."""
+    from engines.native.lora import pack_groups
+
+    base, adapters = setup
+    extra = {f"p{i}": str(make_tiny_lora(base, tmp_path / f"p{i}", r=8, seed=20 + i))
+             for i in range(2)}
+    every = {**adapters, **extra}
+    e = engine(base, every, max_loras=5)
+    try:
+        prompts, which = mixed_requests([None, *every], 12, seed=6)
+        params = [SamplingParams(max_new_tokens=5, min_new_tokens=5)] * len(prompts)
+        check_against_peft(base, every, prompts, which, e.generate(prompts, params, which), 5)
+    finally:
+        e.shutdown()
+    # The decision: many small groups over a dense slot range pack; big groups or a sparse
+    # range do not.
+    small = [(1, 0, 2), (2, 2, 4), (3, 4, 6), (5, 6, 7)]
+    assert pack_groups(small, 7, device="cpu") is not None
+    assert pack_groups([(1, 0, 9), *small[1:]], 9, device="cpu") is None
+    assert pack_groups([(1, 0, 1), (9, 1, 2), (17, 2, 3), (30, 3, 4)], 4, device="cpu") is None
+
+
+def test_packed_and_grouped_deltas_agree():
+    import types
+
+    from engines.native.lora import StepLora, pack_groups
+
+    g = torch.Generator().manual_seed(0)
+    slots = types.SimpleNamespace(a=[{"o": torch.randn(6, 8, 4, generator=g)}],
+                                  b=[{"o": torch.randn(6, 4, 5, generator=g)}])
+    groups = [(1, 0, 2), (2, 2, 3), (4, 3, 5), (5, 6, 7)]  # row 5 has no adapter
+    x = torch.randn(7, 8, generator=g)
+    base = torch.randn(7, 5, generator=g)
+    grouped, packed = base.clone(), base.clone()
+    StepLora(slots, groups).apply(0, "o", x, grouped)
+    StepLora(slots, groups, packed=pack_groups(groups, 7, device="cpu")).apply(0, "o", x, packed)
+    assert torch.allclose(grouped, packed, atol=1e-6)
+    assert torch.equal(packed[5], base[5])

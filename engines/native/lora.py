@@ -20,8 +20,13 @@ small matmuls per op and per adapter present in the step, however the adapters d
     out[rows of slot s] += (x[rows] @ A[op][s]) @ B[op][s]
 
 On CPU the runner orders the step's rows by slot and passes contiguous (slot, start, end)
-groups; on CUDA the gathered Triton kernel (lora_kernels.py) reads each row's slot from a [T]
-tensor, which also works inside a CUDA graph (fixed tensors, no data-dependent shapes).
+groups. A decode step with many adapters has many groups of one or two rows each, where the
+per-call overhead of two tiny matmuls per group dominates; there all groups go through one
+batched matmul pair over the range of slots present (`Packed`: rows gathered into [slots, k, in]
+padded with a zero row, then scattered back), which reads each present adapter's weights once,
+as the per-group path does, in five calls instead of two per adapter. On CUDA the gathered
+Triton kernel (lora_kernels.py) reads each row's slot from a [T] tensor, which also works inside
+a CUDA graph (fixed tensors, no data-dependent shapes).
 """
 
 from __future__ import annotations
@@ -87,6 +92,20 @@ class LoraSlots:
 
 
 @dataclass
+class Packed:
+    """Many small groups as one batch over slots lo..hi: padded position p of slot lo + p // k
+    holds row `gather[p]` of x (row T: a zero row for padding); `rows[i]` is where packed
+    position `valid[i]` goes back."""
+
+    lo: int
+    hi: int  # inclusive
+    k: int  # rows per slot, padded
+    gather: torch.Tensor  # [(hi - lo + 1) * k] long
+    valid: torch.Tensor  # [n] long: packed positions that hold a real row
+    rows: torch.Tensor  # [n] long: their rows in x / out
+
+
+@dataclass
 class StepLora:
     """The LoRA part of one forward pass: which rows use which slot."""
 
@@ -96,6 +115,7 @@ class StepLora:
     # ...or each row's slot, [T] int32, for the gathered kernel (CUDA path).
     row_slots: torch.Tensor | None = None
     kernel: Callable | None = None
+    packed: Packed | None = None  # the groups as one batch (CPU decode steps)
 
     def apply(self, layer: int, op: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += LoRA delta of op for every row that has an adapter (in place)."""
@@ -103,8 +123,42 @@ class StepLora:
         if self.kernel is not None:
             self.kernel(x, a, b, self.row_slots, out)
             return
+        p = self.packed
+        if p is not None:
+            n = p.hi - p.lo + 1
+            xs = torch.cat([x, x.new_zeros(1, x.shape[1])])[p.gather]  # [n * k, in]
+            y = torch.bmm(xs.view(n, p.k, -1), a[p.lo:p.hi + 1])  # [n, k, R]
+            d = torch.bmm(y, b[p.lo:p.hi + 1]).view(n * p.k, -1)  # [n * k, out]
+            out.index_add_(0, p.rows, d[p.valid])
+            return
         for slot, start, end in self.groups:
             out[start:end].addmm_(x[start:end] @ a[slot], b[slot])
+
+
+def pack_groups(groups: list[tuple[int, int, int]], num_rows: int, *,
+                device: torch.device, max_k: int = 4, min_groups: int = 4) -> Packed | None:
+    """The groups as one batch when that is cheaper: many groups, each slot with few rows,
+    and the slots present filling at least half of their range (slot weights outside the
+    groups are read too). None otherwise (the per-group path)."""
+    if len(groups) < min_groups:
+        return None
+    per_slot: dict[int, list[int]] = {}
+    for slot, start, end in groups:
+        per_slot.setdefault(slot, []).extend(range(start, end))
+    k = max(len(rows) for rows in per_slot.values())
+    lo, hi = min(per_slot), max(per_slot)
+    if k > max_k or 2 * len(per_slot) < hi - lo + 1:
+        return None
+    gather = [num_rows] * ((hi - lo + 1) * k)
+    valid, rows = [], []
+    for slot, members in per_slot.items():
+        base = (slot - lo) * k
+        for j, r in enumerate(members):
+            gather[base + j] = r
+            valid.append(base + j)
+            rows.append(r)
+    t = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    return Packed(lo, hi, k, t(gather), t(valid), t(rows))
 
 
 def row_groups(slots: list[int]) -> list[tuple[int, int, int]]:

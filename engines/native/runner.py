@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from engines.native.lora import LoraSlots, StepLora, row_groups
+from engines.native.lora import LoraSlots, StepLora, pack_groups, row_groups
 from engines.native.model import LlamaModel, StepBatch
 from engines.native.plan import PlanChunk, StepPlan
 from engines.sampler import RowState, StepOutput, sample_rows
@@ -190,7 +190,9 @@ class ModelRunner:
         if self.lora_kernel is not None:
             row_slots = torch.tensor(slots, dtype=torch.int32, device=self.device)
             return StepLora(self.lora, [], row_slots, self.lora_kernel)
-        return StepLora(self.lora, row_groups(slots))
+        groups = row_groups(slots)
+        return StepLora(self.lora, groups,
+                        packed=pack_groups(groups, len(slots), device=self.device))
 
     def _load_adapters(self, plan: StepPlan) -> None:
         """Put the plan's adapters into their slots (before any row uses them)."""
