@@ -10,6 +10,11 @@ Resolution of the handler, first match wins:
 A loaded module is used as: its `handle(inputs)`; else SageMaker-style model_fn/input_fn/
 predict_fn/output_fn; else its @input_formatter/@output_formatter functions plugged into the
 default LLM handler.
+
+DJL's other handler functions: a request whose "handler" property names one of
+register_adapter / update_adapter / unregister_adapter (the front end's adapter API sends them
+to every worker) goes to that function of the model.py, or of the default LLM handler, instead
+of handle; a handler that does not define it answers 400 saying so.
 """
 
 from __future__ import annotations

@@ -275,8 +275,10 @@ def test_packed_and_grouped_deltas_agree():
     from engines.native.lora import StepLora, pack_groups
 
     g = torch.Generator().manual_seed(0)
+    # A fused op of two parts (as q|k|v or gate|up): R = 2, outputs of 3 and 2 columns.
     slots = types.SimpleNamespace(a=[{"o": torch.randn(6, 8, 4, generator=g)}],
-                                  b=[{"o": torch.randn(6, 4, 5, generator=g)}])
+                                  b=[{"o": [torch.randn(6, 2, 3, generator=g),
+                                            torch.randn(6, 2, 2, generator=g)]}], max_rank=2)
     groups = [(1, 0, 2), (2, 2, 3), (4, 3, 5), (5, 6, 7)]  # row 5 has no adapter
     x = torch.randn(7, 8, generator=g)
     base = torch.randn(7, 5, generator=g)
@@ -285,3 +287,11 @@ def test_packed_and_grouped_deltas_agree():
     StepLora(slots, groups, packed=pack_groups(groups, 7, device="cpu")).apply(0, "o", x, packed)
     assert torch.allclose(grouped, packed, atol=1e-6)
     assert torch.equal(packed[5], base[5])
+    # Against the definition, row by row.
+    want = base.clone()
+    for slot, start, end in groups:
+        for row in range(start, end):
+            y = x[row] @ slots.a[0]["o"][slot]
+            want[row] += torch.cat([y[:2] @ slots.b[0]["o"][0][slot],
+                                    y[2:] @ slots.b[0]["o"][1][slot]])
+    assert torch.allclose(grouped, want, atol=1e-5)

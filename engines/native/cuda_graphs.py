@@ -67,9 +67,9 @@ class DecodeGraphs:
         self.lora_rows = torch.zeros(n, dtype=torch.int32, device=dev)
         self.lora_kernel = None
         if lora is not None:
-            from engines.native.lora_kernels import lora_delta
+            from engines.native.lora_kernels import lora_delta_parts
 
-            self.lora_kernel = lora_delta
+            self.lora_kernel = lora_delta_parts
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         if capture:

@@ -9,15 +9,20 @@ way, per layer and per fused op, for all `max_loras` slots at once:
     gate_up   hidden    gate_proj | up_proj
     down      F         down_proj
 
-    A[op]  [S + 1, in, n_sub * R]     slot s's A^T, each sub-module in its own R columns
-    B[op]  [S + 1, n_sub * R, out]    slot s's B^T · scale, block-diagonal: sub-module j's R
-                                      rows feed only its own output columns
+    A[op]     [S + 1, in, n_sub * R]   slot s's A^T, each sub-module in its own R columns
+    B[op][j]  [S + 1, R, out_j]        slot s's B^T · scale for sub-module j, whose output
+                                       columns sit side by side in the op's output
 
 R = option.max_lora_rank; a smaller rank and an untargeted module are zero rows/columns, which
-add exactly nothing. Slot 0 is the base model and is never computed. So a mixed batch costs two
-small matmuls per op and per adapter present in the step, however the adapters differ:
+add exactly nothing. Slot 0 is the base model and is never computed. So a mixed batch costs one
+shrink and one expand per sub-module, per op and per adapter present in the step, however the
+adapters differ:
 
-    out[rows of slot s] += (x[rows] @ A[op][s]) @ B[op][s]
+    y = x[rows of slot s] @ A[op][s];  out[rows, cols of j] += y[:, j's R] @ B[op][j][s]
+
+B is kept per sub-module rather than as one block-diagonal matrix: at 16 adapters a CPU decode
+step is bound by reading the adapters' weights, and the block-diagonal zeros were a third of
+them (measured: README, Multi-LoRA).
 
 On CPU the runner orders the step's rows by slot and passes contiguous (slot, start, end)
 groups. A decode step with many adapters has many groups of one or two rows each, where the
@@ -56,20 +61,21 @@ class LoraSlots:
         dev, dt = model.device, model.dtype
         n = max_loras + 1
         self.a: list[dict[str, torch.Tensor]] = []
-        self.b: list[dict[str, torch.Tensor]] = []
+        self.b: list[dict[str, list[torch.Tensor]]] = []
         for _ in range(s.num_layers):
             a, b = {}, {}
             for op, (fan_in, subs) in self.subs.items():
-                r = max_rank * len(subs)
-                a[op] = torch.zeros(n, fan_in, r, device=dev, dtype=dt)
-                b[op] = torch.zeros(n, r, sum(size for _, size in subs), device=dev, dtype=dt)
+                a[op] = torch.zeros(n, fan_in, max_rank * len(subs), device=dev, dtype=dt)
+                b[op] = [torch.zeros(n, max_rank, size, device=dev, dtype=dt)
+                         for _, size in subs]
             self.a.append(a)
             self.b.append(b)
         self.uids = [0] * n  # which adapter each slot holds
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for layer in self.a + self.b
-                   for t in layer.values())
+        tensors = [t for layer in self.a for t in layer.values()]
+        tensors += [t for layer in self.b for parts in layer.values() for t in parts]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     @torch.inference_mode()
     def load(self, slot: int, uid: int, weights: LoraWeights) -> None:
@@ -79,15 +85,13 @@ class LoraSlots:
             mods = weights.layers[layer]
             for op, (_, subs) in self.subs.items():
                 a[op][slot].zero_()
-                b[op][slot].zero_()
-                col = 0
-                for j, (module, size) in enumerate(subs):
+                for j, (module, _) in enumerate(subs):
+                    b[op][j][slot].zero_()
                     if module in mods:
                         wa, wb = mods[module]  # [r, in], [out, r]
                         r = wa.shape[0]
                         a[op][slot, :, j * R:j * R + r].copy_(wa.t())
-                        b[op][slot, j * R:j * R + r, col:col + size].copy_(wb.t())
-                    col += size
+                        b[op][j][slot, :r].copy_(wb.t())
         self.uids[slot] = uid
 
 
@@ -119,20 +123,27 @@ class StepLora:
 
     def apply(self, layer: int, op: str, x: torch.Tensor, out: torch.Tensor) -> None:
         """out += LoRA delta of op for every row that has an adapter (in place)."""
-        a, b = self.slots.a[layer][op], self.slots.b[layer][op]
+        a, parts = self.slots.a[layer][op], self.slots.b[layer][op]
         if self.kernel is not None:
-            self.kernel(x, a, b, self.row_slots, out)
+            self.kernel(x, a, parts, self.row_slots, out)
             return
+        r = self.slots.max_rank
         p = self.packed
         if p is not None:
-            n = p.hi - p.lo + 1
+            n, lo, hi = p.hi - p.lo + 1, p.lo, p.hi + 1
             xs = torch.cat([x, x.new_zeros(1, x.shape[1])])[p.gather]  # [n * k, in]
-            y = torch.bmm(xs.view(n, p.k, -1), a[p.lo:p.hi + 1])  # [n, k, R]
-            d = torch.bmm(y, b[p.lo:p.hi + 1]).view(n * p.k, -1)  # [n * k, out]
-            out.index_add_(0, p.rows, d[p.valid])
+            y = torch.bmm(xs.view(n, p.k, -1), a[lo:hi])  # [n, k, n_sub * R]
+            ds = [torch.bmm(y[:, :, j * r:(j + 1) * r], b[lo:hi]) for j, b in enumerate(parts)]
+            d = (ds[0] if len(ds) == 1 else torch.cat(ds, dim=-1)).view(n * p.k, -1)
+            out.index_add_(0, p.rows, d[p.valid])  # [n * k, out] back to the rows
             return
         for slot, start, end in self.groups:
-            out[start:end].addmm_(x[start:end] @ a[slot], b[slot])
+            y = x[start:end] @ a[slot]  # [rows, n_sub * R]
+            col = 0
+            for j, b in enumerate(parts):
+                width = b.shape[2]
+                out[start:end, col:col + width].addmm_(y[:, j * r:(j + 1) * r], b[slot])
+                col += width
 
 
 def pack_groups(groups: list[tuple[int, int, int]], num_rows: int, *,

@@ -196,9 +196,17 @@ def lora_delta(x: torch.Tensor, a_slots: torch.Tensor, b_slots: torch.Tensor,
         return out
     if scratch is None:
         scratch = torch.empty((t, r), dtype=torch.float32, device=x.device)
-    shrink, expand = _kernels()
+    _shrink(x, a_slots, row_slots, scratch)
+    _expand(scratch, b_slots, row_slots, out)
+    return out
 
-    # Shrink: tiles of up to 16 ranks (R = 48 -> 3 programs a row), IN in blocks of ~4K elements.
+
+def _shrink(x, a_slots, row_slots, scratch) -> None:
+    """scratch[t, :R] = x[t] @ a_slots[row_slots[t]] (fp32) for rows with a slot."""
+    shrink, _ = _kernels()
+    t, n_in = x.shape
+    r = a_slots.shape[2]
+    # Tiles of up to 16 ranks (R = 48 -> 3 programs a row), IN in blocks of ~4K elements.
     block_r = min(_pow2(r), 16)
     block_k = max(16, min(_pow2(n_in), 4096 // block_r))
     shrink[(t, triton.cdiv(r, block_r))](
@@ -207,7 +215,15 @@ def lora_delta(x: torch.Tensor, a_slots: torch.Tensor, b_slots: torch.Tensor,
         x.stride(0), a_slots.stride(0), a_slots.stride(1), scratch.stride(0),
         BLOCK_K=block_k, BLOCK_R=block_r,
     )
-    # Expand: the whole rank at once up to 64 (looped beyond), OUT in tiles of 64..256.
+
+
+def _expand(scratch, b_slots, row_slots, out) -> None:
+    """out[t] += scratch[t] @ b_slots[row_slots[t]] for rows with a slot; scratch and out may
+    be column views (row strides are passed)."""
+    _, expand = _kernels()
+    t = out.shape[0]
+    r, n_out = b_slots.shape[1], b_slots.shape[2]
+    # The whole rank at once up to 64 (looped beyond), OUT in tiles of 64..256.
     block_re = min(_pow2(r), 64)
     block_n = max(64, min(_pow2(n_out), 8192 // block_re, 256))
     expand[(t, triton.cdiv(n_out, block_n))](
@@ -216,4 +232,36 @@ def lora_delta(x: torch.Tensor, a_slots: torch.Tensor, b_slots: torch.Tensor,
         scratch.stride(0), b_slots.stride(0), b_slots.stride(1), out.stride(0),
         BLOCK_R=block_re, BLOCK_N=block_n,
     )
+
+
+def lora_delta_parts(x: torch.Tensor, a_slots: torch.Tensor, b_parts: list[torch.Tensor],
+                     row_slots: torch.Tensor, out: torch.Tensor, *,
+                     scratch: torch.Tensor | None = None) -> torch.Tensor:
+    """A fused op's LoRA (q|k|v, gate|up): one shrink with the fused A [S, IN, n * R] into an
+    fp32 scratch [T, n * R], then one expand per part j: out[:, cols of j] += scratch[:, j's R]
+    @ b_parts[j] [S, R, OUT_j], the parts' outputs side by side in out's columns. Each part's B
+    is stored compactly (no block-diagonal zeros to read). Returns out."""
+    if triton is None:
+        raise RuntimeError("lora_delta_parts needs Triton (pip install triton)")
+    r = b_parts[0].shape[1]
+    widths = [b.shape[2] for b in b_parts]
+    if (a_slots.shape[2] != r * len(b_parts) or sum(widths) != out.shape[1]
+            or any(b.shape[1] != r or not b.is_contiguous() for b in b_parts)):
+        raise ValueError(f"a_slots {tuple(a_slots.shape)} and b_parts "
+                         f"{[tuple(b.shape) for b in b_parts]} do not fit out "
+                         f"{tuple(out.shape)}")
+    # The shared checks, on the fused A and an empty stand-in for B (the parts are checked
+    # above): shapes, dtypes, strides, devices, the interpreter on CPU.
+    _check(x, a_slots, a_slots.new_empty(a_slots.shape[0], a_slots.shape[2], 0), row_slots,
+           out[:, :0], scratch)
+    t = x.shape[0]
+    if t == 0:
+        return out
+    if scratch is None:
+        scratch = torch.empty((t, a_slots.shape[2]), dtype=torch.float32, device=x.device)
+    _shrink(x, a_slots, row_slots, scratch)
+    col = 0
+    for j, (b, width) in enumerate(zip(b_parts, widths)):
+        _expand(scratch[:, j * r:(j + 1) * r], b, row_slots, out[:, col:col + width])
+        col += width
     return out

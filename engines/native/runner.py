@@ -122,9 +122,9 @@ class ModelRunner:
         if lora is not None and attention == "triton":
             # With the GPU kernels (compiled on CUDA; in Triton's interpreter on CPU, for tests)
             # each row reads its own adapter slot: one launch pair per op, any mix of adapters.
-            from engines.native.lora_kernels import lora_delta
+            from engines.native.lora_kernels import lora_delta_parts
 
-            self.lora_kernel = lora_delta
+            self.lora_kernel = lora_delta_parts
         if cuda_graphs is None:
             cuda_graphs = self.device.type == "cuda" and model.tp is None
         if cuda_graphs and attention != "triton":
