@@ -105,7 +105,31 @@ async def submit(request: web.Request, model: Model, properties: dict[str, str],
         if k != "model_name":
             content.append((k, v.encode()))
     job = model.submit(new_request_item(properties, content))
-    return Invocation(model, job, await model.result(job))
+    return Invocation(model, job, await _first_frame(request, model, job))
+
+
+# How often a request waiting for its first frame checks that its client is still there.
+DISCONNECT_POLL_S = 0.1
+
+
+async def _first_frame(request: web.Request, model: Model, job) -> P.Response:
+    """The job's first frame. aiohttp does not cancel a handler whose client went away, so a
+    request still queued would wait for a worker, which would then generate for nobody; a
+    client that disconnects while waiting is dropped from the queue (or its worker is told)
+    within DISCONNECT_POLL_S instead."""
+    waiter = asyncio.ensure_future(model.result(job))
+    try:
+        while True:
+            done, _ = await asyncio.wait({waiter}, timeout=DISCONNECT_POLL_S)
+            if done:
+                return waiter.result()
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                raise E.ClientGone("the client disconnected before the first byte")
+    finally:
+        if not waiter.done():
+            waiter.cancel()  # Model.result aborts the job when cancelled
+            await asyncio.gather(waiter, return_exceptions=True)
 
 
 def stream_error_line(error: str) -> bytes:

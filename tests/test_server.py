@@ -413,3 +413,29 @@ def test_management_api_answers_only_allowed_client_networks(tmp_path):
         conn.request("GET", "/models")
         assert conn.getresponse().status == 200
         conn.close()
+
+
+def test_a_client_gone_while_queued_never_reaches_a_worker(tmp_path):
+    """One worker, busy; a streaming request waits in the queue and its client disconnects.
+    Its place is freed at once: the worker never runs it (it runs 2 requests, not 3)."""
+    d = model_dir(tmp_path, "echo")
+    with LmcServer(["--model-dir", str(d)]) as s:
+
+        async def run():
+            async with aiohttp.ClientSession() as sess:
+                busy = asyncio.ensure_future(sess.post(s.url + "/invocations",
+                                                       json={"sleep": 1.5}))
+                await asyncio.sleep(0.3)
+                gone = asyncio.ensure_future(sess.post(s.url + "/invocations",
+                                                       json={"stream": 20, "delay": 0.05}))
+                await asyncio.sleep(0.3)
+                gone.cancel()  # closes the connection while the request is queued
+                await asyncio.gather(gone, return_exceptions=True)
+                r = await busy
+                assert r.status == 200
+                async with sess.post(s.url + "/invocations", json={"after": 1}) as r2:
+                    assert r2.status == 200
+
+        asyncio.run(run())
+        workers = s.request("GET", "/models/echo").json()[0]["workers"]
+        assert sum(w["requests"] for w in workers) == 2

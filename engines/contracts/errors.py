@@ -102,6 +102,13 @@ class ModelNotReady(ServiceUnavailable):
     type = "ModelNotReady"
 
 
+class ClientGone(LmcError):
+    """The client closed its connection before the answer started (nobody reads the reply;
+    499 is nginx's code for it, logged, never sent)."""
+
+    status, type = 499, "ClientClosedRequest"
+
+
 class PredictTimeout(LmcError):
     status, type = 504, "PredictTimeout"
 
