@@ -158,6 +158,15 @@ def _int_param(request: web.Request, key: str, *, minimum: int = 0) -> int | Non
 
 
 @web.middleware
+async def draining_middleware(request: web.Request, handler):
+    """After SIGTERM the server drains: what is in flight finishes, anything new gets a 503
+    (with Retry-After) so a load balancer or client retries elsewhere."""
+    if request.app.get("draining"):
+        raise E.ServiceUnavailable("the server is shutting down; retry on another instance")
+    return await handler(request)
+
+
+@web.middleware
 async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
@@ -389,7 +398,7 @@ async def vllm_unload_lora(request: web.Request) -> web.Response:
 
 
 def build_app(server_config: ServerOptions, manager: ModelManager | None = None) -> web.Application:
-    app = web.Application(middlewares=[error_middleware],
+    app = web.Application(middlewares=[error_middleware, draining_middleware],
                           client_max_size=server_config.max_request_size)
     app["server_config"] = server_config
     app["models"] = manager or ModelManager(server_config)
@@ -478,11 +487,13 @@ async def serve(specs: list[ModelSpec] | None, server_config: ServerOptions, *,
              os.getpid())
     loader = asyncio.create_task(_load_startup_models(app, specs))
     await stop.wait()
-    log.info("shutting down: draining in-flight requests (up to %.0fs)", drain_timeout_s)
+    log.info("shutting down: draining in-flight requests (up to %.0fs); new requests get 503",
+             drain_timeout_s)
     loader.cancel()
-    await site.stop()  # stop accepting; requests in flight go on
+    app["draining"] = True  # new requests: 503; requests in flight go on
     await asyncio.gather(*(m.drain(drain_timeout_s) for m in mgr.models.values()),
                          return_exceptions=True)
+    await site.stop()
     await mgr.stop_all()
     await runner.cleanup()
     if "startup_error" in app:

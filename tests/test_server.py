@@ -439,3 +439,48 @@ def test_a_client_gone_while_queued_never_reaches_a_worker(tmp_path):
         asyncio.run(run())
         workers = s.request("GET", "/models/echo").json()[0]["workers"]
         assert sum(w["requests"] for w in workers) == 2
+
+
+def test_sigterm_under_load_drains_streams_and_refuses_new_requests(tmp_path):
+    """8 streams in flight on the native engine when SIGTERM arrives: every one finishes in
+    full, a new request meanwhile gets 503 with Retry-After, and the server exits 0 well within
+    the 30 s SageMaker allows."""
+    from tiny_models import make_tiny_llama
+
+    d = make_tiny_llama(tmp_path / "tiny")
+    with LmcServer(["--model-dir", str(d)], timeout_s=120) as s:
+
+        async def stream(sess, started):
+            body = {"inputs": "Once upon a time", "stream": True,
+                    "parameters": {"max_new_tokens": 120, "ignore_eos_token": True}}
+            async with sess.post(s.url + "/invocations", json=body) as r:
+                assert r.status == 200
+                lines = []
+                async for line in r.content:
+                    if line.strip():
+                        lines.append(json.loads(line))
+                        if len(lines) == 1:
+                            started.release()
+                return lines
+
+        async def run():
+            async with aiohttp.ClientSession() as sess:
+                started = asyncio.Semaphore(0)
+                streams = [asyncio.ensure_future(stream(sess, started)) for _ in range(8)]
+                for _ in range(8):
+                    await started.acquire()
+                s.proc.send_signal(signal.SIGTERM)
+                await asyncio.sleep(0.3)
+                async with aiohttp.ClientSession() as fresh:  # a new connection
+                    async with fresh.post(s.url + "/invocations", json={"inputs": "hi"}) as r:
+                        refused = (r.status, r.headers.get("Retry-After"), await r.json())
+                return await asyncio.gather(*streams), refused
+
+        t0 = time.monotonic()
+        results, (status, retry_after, body) = asyncio.run(run())
+        assert status == 503 and retry_after == "1" and "shutting down" in body["message"]
+        for lines in results:
+            assert lines[-1]["details"]["generated_tokens"] == 120
+            assert len([x for x in lines if x.get("token")]) == 120
+        assert s.proc.wait(30) == 0
+        assert time.monotonic() - t0 < 30
