@@ -535,3 +535,43 @@ def test_loop_fails_requests_on_a_step_error_and_at_shutdown(dirs):
             pass
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     loop.shutdown()  # idempotent
+
+
+def test_disconnect_storm_frees_every_block(dirs):
+    """Requests abandoned every way a client can (before their first token, mid-stream, while
+    still waiting for a slot), round after round, on the threaded loop the server uses: every
+    KV block is back in the pool, and the next request is still exactly greedy."""
+    import threading
+
+    from engines.native.loop import start_native_engine
+
+    path = dirs("llama")
+    loop = start_native_engine(path, dtype="fp32", device="cpu", num_blocks=96, block_size=4,
+                               max_num_seqs=4)
+    try:
+        engine = loop.engine
+        prompt = list(range(5, 25))
+        params = SamplingParams(max_new_tokens=40, ignore_eos_token=True)
+
+        def client(kind: int) -> None:
+            stream = loop.generate_stream([prompt], [params])
+            if kind == 1:  # mid-stream, after a few tokens
+                for _, _ in zip(range(3), stream):
+                    pass
+            elif kind == 2:  # after the first token
+                next(stream)
+            stream.close()  # kind 0: before its first token (queued behind the others)
+
+        for _ in range(3):
+            threads = [threading.Thread(target=client, args=(i % 3,)) for i in range(12)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+        want = loop.generate([prompt], [SamplingParams(max_new_tokens=8)])[0].token_ids
+        assert want == hf_greedy(path, tuple(prompt), 8, 0)
+        loop._call(lambda e: None)  # one more pass of the loop: the last aborts applied
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        assert not engine.scheduler.has_work
+    finally:
+        loop.shutdown()

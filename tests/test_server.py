@@ -484,3 +484,92 @@ def test_sigterm_under_load_drains_streams_and_refuses_new_requests(tmp_path):
             assert len([x for x in lines if x.get("token")]) == 120
         assert s.proc.wait(30) == 0
         assert time.monotonic() - t0 < 30
+
+
+def _fds_and_threads(pid: int) -> tuple[int, int]:
+    import os
+
+    fds = len(os.listdir(f"/proc/{pid}/fd"))
+    threads = int(next(line.split()[1] for line in open(f"/proc/{pid}/status")
+                       if line.startswith("Threads:")))
+    return fds, threads
+
+
+def test_overload_is_200_or_503_never_a_hang(tmp_path):
+    """4x more concurrent requests than the engine runs plus the queue holds, half of them
+    streaming: each gets a full 200 or a 503 with Retry-After, none hangs, and afterwards the
+    server answers normally with no leaked connections or threads in the front end."""
+    from tiny_models import make_tiny_llama
+
+    d = make_tiny_llama(tmp_path / "tiny")
+    (d / "serving.properties").write_text("job_queue_size=4\noption.max_rolling_batch_size=2\n")
+    with LmcServer(["--model-dir", str(d)], timeout_s=120) as s:
+        body = {"inputs": "The quick brown fox", "parameters": {"max_new_tokens": 24,
+                                                                "ignore_eos_token": True}}
+        want = s.post("/invocations", body).json()["generated_text"]
+        before = _fds_and_threads(s.proc.pid)
+
+        async def one(sess, i):
+            streaming = i % 2 == 0
+            async with sess.post(s.url + "/invocations", json={**body, "stream": streaming}) as r:
+                if r.status == 503:
+                    return 503, r.headers.get("Retry-After"), None
+                assert r.status == 200, await r.text()
+                if not streaming:
+                    return 200, None, (await r.json())["generated_text"]
+                lines = [json.loads(x) for x in (await r.read()).splitlines() if x.strip()]
+                return 200, None, lines[-1]["generated_text"]
+
+        async def run():
+            timeout = aiohttp.ClientTimeout(total=60)
+            async with aiohttp.ClientSession(timeout=timeout) as sess:
+                return await asyncio.gather(*(one(sess, i) for i in range(24)))
+
+        results = asyncio.run(run())
+        codes = [c for c, _, _ in results]
+        assert set(codes) == {200, 503}, codes
+        assert all(r == "1" for c, r, _ in results if c == 503)
+        assert all(text == want for c, _, text in results if c == 200)  # greedy: same text
+        assert s.request("GET", "/ping").status == 200
+        assert s.post("/invocations", body).json()["generated_text"] == want
+        time.sleep(1.0)  # connections the clients closed are reaped
+        fds, threads = _fds_and_threads(s.proc.pid)
+        assert fds <= before[0] + 2 and threads <= before[1] + 2, (before, (fds, threads))
+
+
+def test_disconnect_storm_leaves_the_server_serving(tmp_path):
+    """Rounds of clients that drop mid-stream, right after sending, and while queued: the
+    queue empties, nothing hangs, and a well-behaved client then gets its exact answer."""
+    from tiny_models import make_tiny_llama
+
+    d = make_tiny_llama(tmp_path / "tiny")
+    (d / "serving.properties").write_text("option.max_rolling_batch_size=2\n")
+    with LmcServer(["--model-dir", str(d)], timeout_s=120) as s:
+        body = {"inputs": "Hello world", "parameters": {"max_new_tokens": 40,
+                                                        "ignore_eos_token": True}}
+        want = s.post("/invocations", body).json()["generated_text"]
+
+        async def rude(sess, kind):
+            task = asyncio.ensure_future(sess.post(s.url + "/invocations",
+                                                   json={**body, "stream": True}))
+            if kind == 0:  # gone right after sending (queued or not yet started)
+                await asyncio.sleep(0.05)
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+                return
+            r = await task
+            await r.content.readline()  # mid-stream, after the first token
+            r.close()
+
+        async def run():
+            for _ in range(3):
+                async with aiohttp.ClientSession() as sess:
+                    await asyncio.gather(*(rude(sess, i % 2) for i in range(10)))
+            await asyncio.sleep(0.5)
+
+        asyncio.run(run())
+        t = time.monotonic()
+        assert s.post("/invocations", body).json()["generated_text"] == want
+        assert time.monotonic() - t < 20
+        described = s.request("GET", "/models/tiny").json()[0]
+        assert described["queueLength"] == 0
