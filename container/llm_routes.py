@@ -37,10 +37,7 @@ def _openai_model(request: web.Request, body: bytes) -> tuple[Model, str | None]
     only model served, since OpenAI clients must send some name and most send a hub id we do
     not know. With LoRA enabled an unknown name is a 404 listing the names, rather than the
     base model answering for a mistyped adapter."""
-    try:
-        payload = json.loads(body)
-    except ValueError as e:
-        raise E.invalid_json(e) from None
+    payload = E.parse_json(body)
     if not isinstance(payload, dict):
         raise E.ValidationError("body", f"the request body must be a JSON object, got "
                                         f"{type(payload).__name__}")
@@ -81,7 +78,7 @@ async def _lorax_adapter(model: Model, body: bytes) -> None:
     try:
         params = json.loads(body).get("parameters") or {}
         adapter_id, source = params.get("adapter_id"), params.get("adapter_source")
-    except (ValueError, AttributeError):
+    except (ValueError, AttributeError, RecursionError):
         return  # the handler answers a malformed body with the precise 400
     if not isinstance(adapter_id, str) or not adapter_id or adapter_id in model.adapters.adapters:
         return

@@ -368,10 +368,7 @@ async def unregister_adapter(request: web.Request) -> web.Response:
 
 
 async def _vllm_body(request: web.Request) -> dict:
-    try:
-        body = json.loads(await request.read() or b"{}")
-    except ValueError as e:
-        raise E.invalid_json(e) from None
+    body = E.parse_json(await invoke.read_body(request) or b"{}")
     if not isinstance(body, dict) or not isinstance(body.get("lora_name"), str) \
             or not body["lora_name"]:
         raise E.ValidationError("lora_name", "the body must be a JSON object with lora_name")

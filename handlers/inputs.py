@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
+from engines.contracts.errors import parse_json
 from handlers.pair_list import PairList
 
 if TYPE_CHECKING:
@@ -111,7 +111,9 @@ class Input:
         return bytes(self._require(key)).decode("utf-8")
 
     def get_as_json(self, key: str | None = None) -> Any:
-        return json.loads(self._require(key))
+        """The content as JSON. A body that is not JSON (or nests too deeply to parse) is the
+        client's mistake: a ValidationError (a ValueError), which answers 400."""
+        return parse_json(bytes(self._require(key)))
 
     def get_as_csv(self, key: str | None = None) -> list[dict[str, str]]:
         return list(csv.DictReader(io.StringIO(self.get_as_string(key))))

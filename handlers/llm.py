@@ -36,7 +36,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import inspect
-import json
 import logging
 import os
 import sys
@@ -46,7 +45,7 @@ from typing import Any
 from dataclasses import replace
 
 from engines.contracts.engine import Capabilities, Engine
-from engines.contracts.errors import AdapterNotFound, LmcError, exception_body, invalid_json
+from engines.contracts.errors import AdapterNotFound, LmcError, exception_body, parse_json
 from engines.contracts.names import ADAPTER_HEADER, API_PROPERTY, ITEM_CODE_PROPERTY
 from engines.options import OUTPUT_FORMATS, HandlerOptions
 from engines.registry import create_engine
@@ -470,10 +469,7 @@ def _decode_body(item: Input) -> Any:
     if content_type.startswith("text/"):
         # LMI takes a plain-text body as the prompt itself.
         return {"inputs": text}
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise invalid_json(exc) from exc
+    return parse_json(text)
 
 
 def _cuda_available() -> bool:

@@ -44,11 +44,22 @@ class ValidationError(LmcError, ValueError):
         self.field = field
 
 
-def invalid_json(exc: ValueError) -> ValidationError:
+def invalid_json(exc: ValueError | RecursionError) -> ValidationError:
     """The error for a body that does not parse as JSON, on every route."""
+    if isinstance(exc, RecursionError):
+        return ValidationError("body", "the body's JSON is nested too deeply to parse")
     return ValidationError(
         "body", f'the body is not valid JSON ({exc}); send {{"inputs": "text", "parameters": '
                 f'{{}}}} (or, on /v1/*, an OpenAI request), or use Content-Type: text/plain')
+
+
+def parse_json(data: bytes | str):
+    """A request body as JSON; a ValidationError (400) for anything that does not parse, also
+    for nesting deep enough to exhaust the parser's recursion limit."""
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as e:
+        raise invalid_json(e) from None
 
 
 class UnsupportedMediaType(LmcError):
@@ -102,6 +113,12 @@ class ModelNotReady(ServiceUnavailable):
     type = "ModelNotReady"
 
 
+class RequestTimeout(LmcError):
+    """The client did not send its whole body in time (a stalled or lying Content-Length)."""
+
+    status, type = 408, "RequestTimeout"
+
+
 class ClientGone(LmcError):
     """The client closed its connection before the answer started (nobody reads the reply;
     499 is nginx's code for it, logged, never sent)."""
@@ -146,6 +163,7 @@ STATUS_TYPES: dict[int, str] = {
     403: Forbidden.type,
     404: RouteNotFound.type,
     405: MethodNotAllowed.type,
+    408: RequestTimeout.type,
     409: Conflict.type,
     413: PayloadTooLarge.type,
     415: UnsupportedMediaType.type,

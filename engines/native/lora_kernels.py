@@ -190,8 +190,8 @@ def lora_delta(x: torch.Tensor, a_slots: torch.Tensor, b_slots: torch.Tensor,
     if triton is None:
         raise RuntimeError("lora_delta needs Triton (pip install triton)")
     _check(x, a_slots, b_slots, row_slots, out, scratch)
-    t, n_in = x.shape
-    r, n_out = b_slots.shape[1], b_slots.shape[2]
+    t = x.shape[0]
+    r = b_slots.shape[1]
     if t == 0 or r == 0:
         return out
     if scratch is None:
