@@ -627,3 +627,50 @@ def test_slow_and_malformed_clients_get_a_bounded_answer(tmp_path):
                 seen += c.recv(65536)
             assert seen.count(b"HTTP/1.1 200") == 2
         assert s.request("GET", "/ping").status == 200
+
+
+def test_worker_killed_under_many_streams_ends_each_with_an_error(tmp_path):
+    """SIGKILL of the worker while 6 streams generate: every stream ends with an error line
+    naming the dead worker (none hangs), and the restarted worker serves again."""
+    import os
+
+    from tiny_models import make_tiny_llama
+
+    d = make_tiny_llama(tmp_path / "tiny")
+    with LmcServer(["--model-dir", str(d)], timeout_s=120) as s:
+        pid = s.request("GET", "/models/tiny").json()[0]["workers"][0]["pid"]
+        body = {"inputs": "Once upon a time", "stream": True,
+                "parameters": {"max_new_tokens": 200, "ignore_eos_token": True}}
+
+        async def stream(sess, started):
+            async with sess.post(s.url + "/invocations", json=body) as r:
+                assert r.status == 200
+                lines = []
+                async for line in r.content:
+                    if line.strip():
+                        lines.append(json.loads(line))
+                        if len(lines) == 1:
+                            started.release()
+                return lines
+
+        async def run():
+            timeout = aiohttp.ClientTimeout(total=60)
+            async with aiohttp.ClientSession(timeout=timeout) as sess:
+                started = asyncio.Semaphore(0)
+                streams = [asyncio.ensure_future(stream(sess, started)) for _ in range(6)]
+                for _ in range(6):
+                    await started.acquire()
+                os.kill(pid, signal.SIGKILL)
+                return await asyncio.gather(*streams)
+
+        for lines in asyncio.run(run()):
+            last = lines[-1]
+            assert last.get("finish_reason") == "error", last
+            assert "SIGKILL" in last["error"] and len(lines) < 200
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # the restarted worker answers
+            r = s.post("/invocations", {"inputs": "hi", "parameters": {"max_new_tokens": 2}})
+            if r.status == 200:
+                break
+            time.sleep(0.2)
+        assert r.status == 200 and r.json()["generated_text"]
