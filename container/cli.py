@@ -28,11 +28,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _stack_dumps() -> None:
+    """`kill -USR1 <pid>` prints every thread's Python stack to stderr (a stuck server can be
+    diagnosed without stopping it)."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0].startswith("-"):
         argv = ["serve", *argv]
     args = _parser().parse_args(argv)
+    _stack_dumps()
     if args.command == "prepare-model":
         cmd = [sys.executable, "-m", "engines.default_model"]
         if args.cache_dir:

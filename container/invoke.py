@@ -168,7 +168,11 @@ async def send_stream(request: web.Request, inv: Invocation, out: web.StreamResp
         async for data in frames:
             await out.write(data)
         await out.write_eof()
-    except (ConnectionResetError, asyncio.CancelledError):
+    except ConnectionResetError:
+        # The client went away mid-stream (aiohttp's ClientConnectionResetError is one): stop
+        # the generation, and nothing to log, since nobody is there to read an error.
+        inv.model.abort(inv.job)
+    except asyncio.CancelledError:
         inv.model.abort(inv.job)
         raise
     return out

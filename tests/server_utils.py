@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -51,6 +52,11 @@ class LmcServer:
             [sys.executable, "-m", "container", "serve", "--host", "127.0.0.1",
              "--port", str(self.port), *self.args],
             cwd=ROOT, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        # Drained all along: a server that logs more than a pipe holds (64 KiB) would otherwise
+        # block on its next log line, and a test would see a hang that is not the server's.
+        self._log = bytearray()
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
         if self.wait_status is not None:
             self.wait_for_ping(self.wait_status, self.timeout_s)
         return self
@@ -86,10 +92,15 @@ class LmcServer:
     def post(self, path: str, body=None, **kw) -> HttpResult:
         return self.request("POST", path, body, **kw)
 
+    def _drain(self) -> None:
+        for chunk in iter(lambda: self.proc.stdout.read1(65536), b""):
+            self._log += chunk
+
     def output(self) -> str:
-        if self.proc and self.proc.stdout and self.proc.poll() is not None:
-            return self.proc.stdout.read().decode(errors="replace")
-        return ""
+        """What the server printed so far (all of it once it has exited)."""
+        if self.proc and self.proc.poll() is not None:
+            self._reader.join(5)
+        return self._log.decode(errors="replace")
 
     def stop(self, timeout_s: float = 30) -> int:
         if self.proc is None or self.proc.poll() is not None:
@@ -104,6 +115,7 @@ class LmcServer:
     def __exit__(self, *exc) -> None:
         self.stop()
         if self.proc and self.proc.stdout:
+            self._reader.join(5)
             self.proc.stdout.close()
 
 

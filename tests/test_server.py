@@ -289,7 +289,7 @@ def test_unknown_config_key_fails_startup(tmp_path):
     d = model_dir(tmp_path, "echo", "batch_sise=4\n")
     with LmcServer(["--model-dir", str(d)], wait_status=None) as s:
         rc = s.proc.wait(30)
-        out = s.proc.stdout.read().decode()
+        out = s.output()
     assert rc != 0
     assert "batch_sise" in out and "serving.properties" in out and "batch_size" in out
 

@@ -61,7 +61,7 @@ def test_tp_without_enough_cpu_slots_fails_startup_clearly(tmp_path):
     with LmcServer(["--model-dir", str(d)], env={"LMC_CPU_DEVICES": "1"},
                    wait_status=None) as s:
         rc = s.proc.wait(60)
-        out = s.proc.stdout.read().decode()
+        out = s.output()
     assert rc != 0 and "LMC_CPU_DEVICES=1" in out
 
 
