@@ -80,9 +80,14 @@ class AdapterRegistry:
         llm = self.model.config.llm
         return llm.engine.options if llm is not None else None
 
+    @property
+    def lora_enabled(self) -> bool:
+        """The default handler serves LoRA (option.enable_lora; engines without the option,
+        DeepSpeed, never do)."""
+        return bool(getattr(self.lora_options, "enable_lora", False))
+
     def check_enabled(self) -> None:
-        options = self.lora_options
-        if options is not None and not getattr(options, "enable_lora", False):
+        if self.lora_options is not None and not self.lora_enabled:
             raise E.BadRequest(f"model {self.model.name!r} does not serve LoRA adapters: set "
                                f"option.enable_lora=true (with the {self.model.config.llm.engine.name} "
                                f"engine) to serve them")
@@ -198,8 +203,7 @@ class AdapterRegistry:
         found = scan_adapters_dir(self.model.config.model_dir)
         if not found:
             return
-        options = self.lora_options
-        if options is not None and not getattr(options, "enable_lora", False):
+        if self.lora_options is not None and not self.lora_enabled:
             log.warning("model %s: %d adapter folder(s) in %s/%s are not served: set "
                         "option.enable_lora=true to serve them", self.model.name, len(found),
                         self.model.config.model_dir, ADAPTERS_DIR)

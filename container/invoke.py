@@ -39,21 +39,23 @@ def select_model(request: web.Request) -> Model:
     return mgr.get(name) if name else mgr.default()
 
 
+def _too_large(limit: int) -> E.PayloadTooLarge:
+    return E.PayloadTooLarge(f"request body is larger than max_request_size ({limit} bytes); "
+                             f"raise SAGEMAKER_MAX_REQUEST_SIZE to accept it")
+
+
 async def read_body(request: web.Request) -> bytes:
     """The whole body, within max_request_size (413, from the Content-Length at once) and
     within LMC_BODY_TIMEOUT (408): a client that announces more than it sends, or trickles it,
     must not hold a request open forever."""
     server = request.app["server_config"]
-    too_large = E.PayloadTooLarge(f"request body is larger than max_request_size "
-                                  f"({server.max_request_size} bytes); raise "
-                                  f"SAGEMAKER_MAX_REQUEST_SIZE to accept it")
     if request.content_length is not None and request.content_length > server.max_request_size:
-        raise too_large
+        raise _too_large(server.max_request_size)
     try:
         async with asyncio.timeout(server.body_timeout_s):
             return await request.read()
     except web.HTTPRequestEntityTooLarge as e:
-        raise too_large from e
+        raise _too_large(server.max_request_size) from e
     except TimeoutError:
         raise E.RequestTimeout(f"the request body did not arrive within {server.body_timeout_s:g}"
                                f" s (LMC_BODY_TIMEOUT)") from None

@@ -50,8 +50,7 @@ def _openai_model(request: web.Request, body: bytes) -> tuple[Model, str | None]
             if name in model.adapters.adapters:
                 return model, name
     model = mgr.default()
-    options = model.adapters.lora_options
-    if isinstance(name, str) and name and options is not None and options.enable_lora:
+    if isinstance(name, str) and name and model.adapters.lora_enabled:
         names = [model.name, *sorted(model.adapters.adapters)]
         raise E.AdapterNotFound(f"model {name!r} is neither the base model nor one of its "
                                 f"adapters; available: {', '.join(names)}")
@@ -75,6 +74,8 @@ async def _lorax_adapter(model: Model, body: bytes) -> None:
     """LoRAX loads the adapter a request names on first use (adapter_source local, s3 or hub):
     register it then, under its adapter_id, so the handler finds it. Registered names and
     bodies that name no adapter pass through untouched."""
+    if b"adapter_id" not in body or not model.adapters.lora_enabled:
+        return  # most requests: no second parse (the handler refuses an adapter without LoRA)
     try:
         params = json.loads(body).get("parameters") or {}
         adapter_id, source = params.get("adapter_id"), params.get("adapter_source")
@@ -94,9 +95,6 @@ async def _lorax_adapter(model: Model, body: bytes) -> None:
     src = adapter_id
     if source == "s3" and not src.startswith("s3://"):
         src = "s3://" + src
-    options = model.adapters.lora_options
-    if options is None or not options.enable_lora:
-        return  # the handler refuses it, saying which option turns LoRA on
     try:
         await model.adapters.register(adapter_id, src)
     except E.Conflict:

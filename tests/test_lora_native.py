@@ -117,8 +117,8 @@ def test_more_adapters_than_slots_evicts_and_stays_correct(setup, tmp_path):
         assert slots.evictions >= 3  # 4 unpinned adapters took turns in 1 free slot
         assert slots.where[e.engine.lora_store.get("qv8").uid] == pinned_slot
         assert e.engine.lora_store.host_evictions > 0  # max_cpu_loras=2 < 5 adapters
+        e.update_adapter("all16", pin=True)  # the second and last slot
         with pytest.raises(NoAdapterSlot, match="max_loras"):
-            e.update_adapter("all16", pin=True)  # would leave 0 free slots... and then:
             e.add_adapter("x9", extra["x0"], pin=True)
     finally:
         e.shutdown()

@@ -337,3 +337,21 @@ def test_custom_model_py_gets_the_adapter_calls(tmp_path):
         # update_adapter is not defined: the management call says so.
         u = srv.post("/models/custom/adapters/one/update?pin=true")
         assert u.status == 400 and "update_adapter" in u.json()["message"]
+
+
+def test_engines_without_lora_options_never_serve_adapters():
+    """DeepSpeed has no LoRA options: the registry says LoRA is off (the OpenAI and TGI routes
+    ask it on every request) instead of failing on the missing attribute."""
+    import types
+
+    from container.adapters import AdapterRegistry
+    from engines.options import DeepSpeedOptions
+
+    engine = types.SimpleNamespace(options=DeepSpeedOptions(tensor_parallel_degree=1),
+                                   name="deepspeed")
+    model = types.SimpleNamespace(config=types.SimpleNamespace(llm=types.SimpleNamespace(
+        engine=engine)), name="m")
+    registry = AdapterRegistry(model, cache_dir=None, allowed_roots=[])
+    assert registry.lora_enabled is False
+    with pytest.raises(Exception, match="option.enable_lora=true"):
+        registry.check_enabled()

@@ -442,6 +442,24 @@ def test_a_client_gone_while_queued_never_reaches_a_worker(tmp_path):
         assert sum(w["requests"] for w in workers) == 2
 
 
+LONG_STREAM = {"inputs": "Once upon a time", "stream": True,
+               "parameters": {"max_new_tokens": 200, "ignore_eos_token": True}}
+
+
+async def _long_stream(sess, url: str, started: asyncio.Semaphore) -> list[dict]:
+    """One streamed LMI request read to its end (its JSON lines); `started` is released when
+    the first line arrives."""
+    async with sess.post(url + "/invocations", json=LONG_STREAM) as r:
+        assert r.status == 200
+        lines = []
+        async for line in r.content:
+            if line.strip():
+                lines.append(json.loads(line))
+                if len(lines) == 1:
+                    started.release()
+        return lines
+
+
 def test_sigterm_under_load_drains_streams_and_refuses_new_requests(tmp_path):
     """8 streams accepted when SIGTERM arrives (2 running on the native engine, 6 queued):
     every one finishes in full, a new request meanwhile gets 503 with Retry-After, and the
@@ -452,24 +470,12 @@ def test_sigterm_under_load_drains_streams_and_refuses_new_requests(tmp_path):
     (d / "serving.properties").write_text("option.max_rolling_batch_size=2\n")
     with LmcServer(["--model-dir", str(d)], timeout_s=120) as s:
 
-        async def stream(sess, started):
-            body = {"inputs": "Once upon a time", "stream": True,
-                    "parameters": {"max_new_tokens": 200, "ignore_eos_token": True}}
-            async with sess.post(s.url + "/invocations", json=body) as r:
-                assert r.status == 200
-                lines = []
-                async for line in r.content:
-                    if line.strip():
-                        lines.append(json.loads(line))
-                        if len(lines) == 1:
-                            started.release()
-                return lines
-
         async def run():
             timeout = aiohttp.ClientTimeout(total=60)
             async with aiohttp.ClientSession(timeout=timeout) as sess:
                 started = asyncio.Semaphore(0)
-                streams = [asyncio.ensure_future(stream(sess, started)) for _ in range(8)]
+                streams = [asyncio.ensure_future(_long_stream(sess, s.url, started))
+                           for _ in range(8)]
                 for _ in range(2):  # the first two are generating; the rest are queued
                     await started.acquire()
                 await asyncio.sleep(0.2)  # every request has reached the server
@@ -639,25 +645,13 @@ def test_worker_killed_under_many_streams_ends_each_with_an_error(tmp_path):
     d = make_tiny_llama(tmp_path / "tiny")
     with LmcServer(["--model-dir", str(d)], timeout_s=120) as s:
         pid = s.request("GET", "/models/tiny").json()[0]["workers"][0]["pid"]
-        body = {"inputs": "Once upon a time", "stream": True,
-                "parameters": {"max_new_tokens": 200, "ignore_eos_token": True}}
-
-        async def stream(sess, started):
-            async with sess.post(s.url + "/invocations", json=body) as r:
-                assert r.status == 200
-                lines = []
-                async for line in r.content:
-                    if line.strip():
-                        lines.append(json.loads(line))
-                        if len(lines) == 1:
-                            started.release()
-                return lines
 
         async def run():
             timeout = aiohttp.ClientTimeout(total=60)
             async with aiohttp.ClientSession(timeout=timeout) as sess:
                 started = asyncio.Semaphore(0)
-                streams = [asyncio.ensure_future(stream(sess, started)) for _ in range(6)]
+                streams = [asyncio.ensure_future(_long_stream(sess, s.url, started))
+                           for _ in range(6)]
                 for _ in range(6):
                     await started.acquire()
                 os.kill(pid, signal.SIGKILL)

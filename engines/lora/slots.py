@@ -32,7 +32,6 @@ class SlotTable:
         self._pending: list[tuple[int, int]] = []  # (slot, uid) loads for the next plan
         self._removed: set[int] = set()  # unregistered while still referenced
         self.evictions = 0
-        self.loads = 0
 
     @property
     def max_loras(self) -> int:
@@ -52,9 +51,8 @@ class SlotTable:
                 return i
         return None
 
-    def acquire(self, uid: int) -> int | None:
-        """The slot for a sequence of adapter `uid`, taking a reference; None: none free now."""
-        assert uid > 0
+    def _place(self, uid: int) -> int | None:
+        """`uid`'s slot, given one (and its load queued) if it has none; None: no room."""
         i = self.where.get(uid)
         if i is None:
             i = self._free_slot()
@@ -63,7 +61,15 @@ class SlotTable:
             self.slots[i] = _Slot(uid)
             self.where[uid] = i
             self._pending.append((i, uid))
-            self.loads += 1
+            self._idle[i] = None  # unreferenced until a sequence takes it
+        return i
+
+    def acquire(self, uid: int) -> int | None:
+        """The slot for a sequence of adapter `uid`, taking a reference; None: none free now."""
+        assert uid > 0
+        i = self._place(uid)
+        if i is None:
+            return None
         s = self.slots[i]
         s.refs += 1
         self._idle.pop(i, None)
@@ -85,17 +91,9 @@ class SlotTable:
     def pin(self, uid: int) -> int | None:
         """Give `uid` a slot for good (loaded now, never evicted); None if every slot is pinned
         or in use."""
-        i = self.where.get(uid)
-        if i is None:
-            i = self._free_slot()
-            if i is None:
-                return None
-            self.slots[i] = _Slot(uid)
-            self.where[uid] = i
-            self._pending.append((i, uid))
-            self.loads += 1
-            self._idle[i] = None
-        self.slots[i].pinned = True
+        i = self._place(uid)
+        if i is not None:
+            self.slots[i].pinned = True
         return i
 
     def unpin(self, uid: int) -> None:
@@ -125,6 +123,3 @@ class SlotTable:
         """(slot, uid) loads queued since the last call, in order."""
         loads, self._pending = self._pending, []
         return loads
-
-    def pinned(self) -> list[int]:
-        return [s.uid for s in self.slots[1:] if s.pinned]

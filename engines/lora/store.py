@@ -137,10 +137,6 @@ class AdapterStore:
         with self._lock:
             return self._by_uid.get(uid)
 
-    def names(self) -> list[str]:
-        with self._lock:
-            return sorted(self._by_name)
-
     def records(self) -> list[AdapterRecord]:
         with self._lock:
             return [self._by_name[n] for n in sorted(self._by_name)]
@@ -203,7 +199,3 @@ class AdapterStore:
                     self.host_evictions += 1
         for weights in dropped:
             self._evicted(weights)
-
-    def cached(self) -> list[int]:
-        with self._lock:
-            return list(self._cache)

@@ -32,10 +32,6 @@ class LoraWeights:
     rank: int
     layers: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=list)
 
-    def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size()
-                   for layer in self.layers for a, b in layer.values())
-
 
 def _shards(base: ModelSpec, rank: int, size: int) -> dict[str, tuple[str, tuple[int, int]]]:
     """module -> ("A" cols | "B" rows, [lo, hi)) of this rank's shard."""

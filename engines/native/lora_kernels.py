@@ -44,19 +44,8 @@ if not torch.cuda.is_available():
 try:
     import triton
     import triton.language as tl
-except ImportError:  # installs without Triton: lora_kernel_available() is then False
+except ImportError:  # installs without Triton: lora_delta raises, saying so
     triton = None
-
-
-def lora_kernel_available(device) -> bool:
-    """Whether lora_delta can run on tensors on `device`: Triton is importable and the device
-    is CUDA, or it is the CPU and Triton's interpreter is on."""
-    if triton is None:
-        return False
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available()
-    return device.type == "cpu" and bool(triton.knobs.runtime.interpret)
 
 
 def lora_delta_reference(x: torch.Tensor, a_slots: torch.Tensor, b_slots: torch.Tensor,

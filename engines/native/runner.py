@@ -197,7 +197,7 @@ class ModelRunner:
     def _load_adapters(self, plan: StepPlan) -> None:
         """Put the plan's adapters into their slots (before any row uses them)."""
         for slot, uid, path in plan.lora_loads:
-            self.lora.load(slot, uid, self.lora_loader(uid, path))
+            self.lora.load(slot, self.lora_loader(uid, path))
 
     def _decode_inputs(self, decodes: list[PlanChunk], lengths: list[int]) -> tuple[
             torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
