@@ -69,10 +69,6 @@ class AdapterSpec:
     weights_file: str
     base_model: str | None  # base_model_name_or_path, informational
 
-    def describe(self) -> dict:
-        return {"rank": self.rank, "alpha": self.alpha, "scale": self.scale,
-                "target_modules": list(self.targets), "src": self.path}
-
 
 def _fail(field: str, message: str) -> InvalidAdapter:
     return InvalidAdapter(field, message)
