@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime
 import io
 import json
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -85,11 +86,16 @@ class Output:
         """str/bytes/bytearray as raw bytes; anything else as JSON."""
         if isinstance(value, str):
             self.content.add(self._key(key, batch_index), value.encode("utf-8"))
+        elif isinstance(value, Frame):
+            self.content.add(self._key(key, batch_index), value)
         elif isinstance(value, (bytes, bytearray, memoryview)):
             self.content.add(self._key(key, batch_index), bytes(value))
         else:
             self.add_as_json(value, key=key, batch_index=batch_index)
         return self
+
+    def get_property(self, key: str) -> str | None:
+        return self.properties.get(key)
 
     def add_as_string(self, value: str, key: str | None = None,
                       batch_index: int | None = None) -> Output:
@@ -134,6 +140,22 @@ class Output:
             return None
         return _format_stream(self.stream_content, self.stream_formatter)
 
+    @staticmethod
+    def binary_encode(data: dict[str, Any]) -> bytes:
+        """One frame of DJL's async / rolling-batch contract: a dict of strings ({"data": ...,
+        "last": ...} and optionally "code" and "error"), as DJL's wire format: a big-endian
+        int16 count, then each key and value as an int32 length and UTF-8 bytes (-1: None).
+        Values are sent as str(value), so True arrives as "True"."""
+        out = bytearray(struct.pack(">h", len(data)))
+        for key, value in data.items():
+            for text in (key, None if value is None else str(value)):
+                if text is None:
+                    out += struct.pack(">i", -1)
+                else:
+                    raw = text.encode("utf-8")
+                    out += struct.pack(">i", len(raw)) + raw
+        return Frame(out)
+
     def error(self, error: str, code: int = 424, message: str = "prediction failure") -> Output:
         self.code = code
         self.message = message
@@ -145,6 +167,39 @@ class Output:
         return (f"Output(code={self.code}, message={self.message!r}, "
                 f"properties={self.properties!r}, content_keys={self.content.get_keys()!r}, "
                 f"stream={self.stream_content is not None})")
+
+
+class Frame(bytes):
+    """What Output.binary_encode returns: bytes that say they are a frame, so a handler's output
+    is told apart from a plain body without guessing."""
+
+
+def decode_frame(data: bytes) -> dict[str, str | None]:
+    """The dict Output.binary_encode encoded. ValueError if `data` is not exactly one frame."""
+    try:
+        (count,) = struct.unpack_from(">h", data, 0)
+        pos = 2
+        frame: dict[str, str | None] = {}
+        for _ in range(count):
+            pair = []
+            for _ in range(2):
+                (size,) = struct.unpack_from(">i", data, pos)
+                pos += 4
+                if size < 0:
+                    pair.append(None)
+                    continue
+                if pos + size > len(data):
+                    raise ValueError("truncated")
+                pair.append(bytes(data[pos:pos + size]).decode("utf-8"))
+                pos += size
+            if pair[0] is None:
+                raise ValueError("a key is null")
+            frame[pair[0]] = pair[1]
+    except (struct.error, UnicodeDecodeError, ValueError) as e:
+        raise ValueError(f"not an Output.binary_encode frame: {e}") from None
+    if count < 0 or pos != len(data):
+        raise ValueError("not an Output.binary_encode frame: trailing bytes")
+    return frame
 
 
 def _format_stream(items: Iterable[Any], formatter: Callable[[Any], Any] | None) -> Iterator[bytes]:
