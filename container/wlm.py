@@ -13,7 +13,8 @@ its End) before the next; a continuous-batching engine gets each job alone as it
 Lifecycle: minWorkers permanent workers start with the model; temporary ones are added up to
 maxWorkers when the queue is deeper than 2 x batch_size and retire after max_idle_time idle. A
 worker that dies fails its in-flight jobs at once (WorkerDied, naming the exit), and is
-restarted; after retry_threshold consecutive crashes the model is FAILED.
+restarted; once consecutive crashes exceed retry_threshold the model is FAILED (DJL counts
+the same way: with 0, the first crash fails it).
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ class Model:
 
     def _count_failure(self, reason: str) -> None:
         self.consecutive_failures += 1
-        if self.consecutive_failures >= self.config.retry_threshold:
+        if self.consecutive_failures > self.config.retry_threshold:
             self._set_failed(f"{self.consecutive_failures} consecutive worker failures "
                              f"(retry_threshold={self.config.retry_threshold}); last: {reason}")
 

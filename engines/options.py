@@ -280,8 +280,9 @@ class ServingOptions:
                            env=("SERVING_MIN_WORKERS", "SAGEMAKER_NUM_MODEL_WORKERS"), minimum=0)
     max_workers: int = opt("maxWorkers", 1, "workers under load (`cpu.`/`gpu.` prefix wins)",
                            env=("SERVING_MAX_WORKERS", "SAGEMAKER_NUM_MODEL_WORKERS"), minimum=1)
-    retry_threshold: int = opt("retry_threshold", 10, "worker crashes in a row before FAILED",
-                               env=("SERVING_RETRY_THRESHOLD",), minimum=1)
+    retry_threshold: int = opt("retry_threshold", 10,
+                               "worker crashes in a row tolerated; one more is FAILED (DJL)",
+                               env=("SERVING_RETRY_THRESHOLD",), minimum=0)
     predict_timeout_s: float = opt("option.predict_timeout", 120.0,
                                    "s for a request's first byte (504 after)",
                                    env=("SAGEMAKER_MODEL_SERVER_TIMEOUT_SECONDS",),
