@@ -3,5 +3,6 @@
 
 from handlers.inputs import Input
 from handlers.outputs import Output
+from handlers.pair_list import PairList
 
-__all__ = ["Input", "Output"]
+__all__ = ["Input", "Output", "PairList"]

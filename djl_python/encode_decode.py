@@ -1,3 +1,3 @@
-from handlers.encode_decode import decode, encode
+from handlers.encode_decode import decode, decode_csv, encode, encode_csv
 
-__all__ = ["decode", "encode"]
+__all__ = ["decode", "decode_csv", "encode", "encode_csv"]

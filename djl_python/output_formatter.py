@@ -1,3 +1,4 @@
 from handlers.formatters import output_formatter
+from handlers.request_io import RequestOutput, TextGenerationOutput
 
-__all__ = ["output_formatter"]
+__all__ = ["RequestOutput", "TextGenerationOutput", "output_formatter"]
