@@ -56,6 +56,8 @@ class Output:
         self.content = PairList()
         self.stream_content: Iterable[Any] | None = None
         self.stream_formatter: Callable[[Any], Any] | None = None
+        self.finalize_function: Callable[..., Any] | None = None
+        self.finalize_args: tuple[Any, ...] = ()
 
     def set_code(self, code: int) -> Output:
         self.code = code
@@ -139,6 +141,13 @@ class Output:
         if self.stream_content is None:
             return None
         return _format_stream(self.stream_content, self.stream_formatter)
+
+    def finalize(self, finalize_function: Callable[..., Any], *args: Any) -> Output:
+        """Call `finalize_function(*args)` once this answer has been sent (DJL: e.g. to free
+        what the request held); an exception it raises is logged."""
+        self.finalize_function = finalize_function
+        self.finalize_args = args
+        return self
 
     @staticmethod
     def binary_encode(data: dict[str, Any]) -> bytes:

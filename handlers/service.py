@@ -15,6 +15,15 @@ DJL's other handler functions: a request whose "handler" property names one of
 register_adapter / update_adapter / unregister_adapter (the front end's adapter API sends them
 to every worker) goes to that function of the model.py, or of the default LLM handler, instead
 of handle; a handler that does not define it answers 400 saying so.
+
+How a user's handle(inputs) is driven (DJL's modes):
+  - plain: one dispatch at a time, on the worker's main thread;
+  - async: handle is `async def` (or option.async_mode=true, DJL's switch): up to
+    option.max_rolling_batch_size requests at once, every one a coroutine on the worker's one
+    event loop (handlers/async_runner.py). handle returns an Output (a plain one, or one
+    carrying an Output.binary_encode frame), None, or an async generator of frame Outputs: a
+    stream (handlers/frames.py). option.async_mode=false keeps an async handle one at a time;
+  - rolling batch: option.rolling_batch set to anything but "disable" (handlers/rolling.py).
 """
 
 from __future__ import annotations
@@ -22,10 +31,12 @@ from __future__ import annotations
 import importlib
 import importlib.machinery
 import importlib.util
+import inspect
 import itertools
 import logging
 import os
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import ModuleType
@@ -35,9 +46,12 @@ from engines.contracts.engine import Capabilities, TPMode
 from engines.contracts.errors import ValidationError, error_body, handler_error
 from engines.contracts.names import (ADAPTER_FUNCTIONS, CONTROL_FUNCTIONS, FUNCTION_PROPERTY,
                                      ITEM_CODE_PROPERTY, LMI_BUILTIN_ENTRY_POINTS)
+from handlers.async_runner import AsyncRunner, is_async_iterable
 from handlers.formatters import INPUT_FORMATTER_TAG, OUTPUT_FORMATTER_TAG
+from handlers.frames import FrameError, FrameStream, frames_result, output_frame
 from handlers.inputs import Input, input_from_items, split_batch_key
 from handlers.outputs import Output
+from handlers.ranks import rank_and_world
 from handlers.sagemaker import SAGEMAKER_FUNCTIONS, SageMakerHandler
 
 if TYPE_CHECKING:
@@ -67,6 +81,8 @@ class ItemResult:
     headers: dict[str, str]
     body: bytes
     stream: Iterator[bytes] | None = field(default=None, repr=False)
+    # Output.finalize's function: the worker calls it once the answer is sent.
+    finalize: Callable[[], None] | None = field(default=None, repr=False)
 
 
 class HandlerLoadError(Exception):
@@ -103,20 +119,55 @@ class EngineHost(Protocol):
 # A plain handle(inputs) function: one call at a time; in a TP group every rank runs it.
 _PLAIN_HANDLER = Capabilities(max_concurrency=1, tp_mode=TPMode.REPLICATE)
 
+# Response headers a handler must not set: the HTTP layer owns them. (DJL's own test handlers
+# copy every request property, Content-Length and Host included, onto their Output.)
+_TRANSPORT_HEADERS = frozenset({
+    "content-length", "transfer-encoding", "connection", "keep-alive", "host", "upgrade",
+    "te", "trailer", "proxy-connection", "expect", "request_tracking_id"})
+
+
+def clean_headers(headers: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in headers.items() if k.lower() not in _TRANSPORT_HEADERS}
+
 
 class ModelService:
     def __init__(self, handle: Handle, *, source: str, host: EngineHost | None = None,
-                 functions: dict[str, Callable] | None = None) -> None:
+                 functions: dict[str, Callable] | None = None,
+                 concurrency: int = 1) -> None:
         self.handle = handle
         self.source = source  # where the handler came from, for logs and error messages
         self.host = host
         # DJL's named handler functions besides handle (register_adapter, ...): a request whose
         # "handler" property names one is passed to it instead of handle.
         self.functions = functions or {}
+        # > 1: an async handler, that many requests at once on the event loop.
+        self.concurrency = concurrency
+        self.runner: AsyncRunner | None = None  # made on the first awaitable a handler returns
+        self._runner_lock = threading.Lock()
+        self.rolling = None  # handlers.rolling.RollingBatch, for a rolling-batch handler
 
     @property
     def capabilities(self) -> Capabilities:
-        return self.host.capabilities if self.host is not None else _PLAIN_HANDLER
+        if self.host is not None:
+            return self.host.capabilities
+        if self.rolling is not None:
+            return self.rolling.capabilities
+        if self.concurrency > 1:
+            return Capabilities(max_concurrency=self.concurrency, tp_mode=TPMode.NONE)
+        return _PLAIN_HANDLER
+
+    def _resolve(self, value):
+        """A handler's return value, awaited on the event loop when it is awaitable."""
+        if not inspect.isawaitable(value):
+            return value
+        if self.runner is None:
+            with self._runner_lock:
+                if self.runner is None:
+                    self.runner = AsyncRunner()
+        return self.runner.resolve(value)
+
+    def call(self, handle: Callable, inputs: Input):
+        return self._resolve(handle(inputs))
 
     def follow(self) -> None:
         """On a rank > 0 of a TPMode.ENGINE group: serve the engine's steps until rank 0 shuts
@@ -127,6 +178,10 @@ class ModelService:
     def shutdown(self) -> None:
         if self.host is not None:
             self.host.shutdown()
+        if self.rolling is not None:
+            self.rolling.shutdown()
+        if self.runner is not None:
+            self.runner.shutdown()
 
     @classmethod
     def load(cls, model_dir: str, properties: dict[str, str],
@@ -135,15 +190,26 @@ class ModelService:
         plan for the default LLM handler (None: it decides from `properties` if it runs)."""
         handle, source, host, functions = _resolve_handler(model_dir, properties, llm)
         service = cls(handle, source=source, host=host, functions=functions)
+        mode = _mode(handle, host, properties, source)
         # DJL's contract: the first call carries no content, only the init properties, so a
         # handler can load its model there. Whatever it returns is ignored.
         try:
-            handle(Input(dict(properties)))
+            service.call(handle, Input(dict(properties)))
         except Exception as e:
             raise HandlerLoadError(
                 f"{source}: handle() failed during warm-up: {type(e).__name__}: {e}. Hint: the "
                 "first call to handle() has no content, only init properties; load the model "
                 "there and return None when inputs.is_empty()") from e
+        if mode == "rolling":
+            from handlers.rolling import DEFAULT_MAX_ROLLING_BATCH_SIZE, RollingBatch
+
+            size = _int_property(properties, "max_rolling_batch_size",
+                                 DEFAULT_MAX_ROLLING_BATCH_SIZE, source)
+            service.rolling = RollingBatch(lambda inputs: service.call(handle, inputs), source,
+                                           size, clean_headers)
+        elif mode == "async":
+            service.concurrency = _int_property(properties, "max_rolling_batch_size",
+                                                ASYNC_CONCURRENCY, source)
         return service
 
     def invoke(self, items: Sequence[RequestItem]) -> list[ItemResult]:
@@ -162,24 +228,64 @@ class ModelService:
                 if function in ADAPTER_FUNCTIONS:
                     message += "; it cannot manage LoRA adapters"
                 return [failed_result(400, "Bad Request", message, "BadRequest")] * n
+        elif self.rolling is not None:
+            return self.rolling.invoke(items)
         try:
-            out = handle(input_from_items(items))
+            out = self.call(handle, input_from_items(items))
         except Exception as e:
             if not isinstance(e, ValidationError):
                 logger.exception("handler %s failed on a batch of %d", self.source, n)
             return [error_result(e) for _ in range(n)]
         if out is None:
             return [ItemResult(204, "No Content", {}, b"") for _ in range(n)]
+        if is_async_iterable(out):
+            if n != 1:
+                error = (f"handler streamed one response for a batch of {n}; streaming needs "
+                         "batch size 1")
+                return [failed_result(424, "Invalid output", error) for _ in range(n)]
+            return [frames_result(self._frame_stream(out), clean_headers)]
         if not isinstance(out, Output):
             error = (f"Invalid output type: handle() returned {type(out).__name__}; "
-                     "return an Output or None")
+                     "return an Output, None or (async) a generator of Outputs")
             return [failed_result(424, "Invalid output type", error) for _ in range(n)]
         try:
-            return _split_output(out, n)
+            frame = output_frame(out, strict=False) if n == 1 else None
+            if frame is not None:
+                return [frames_result(FrameStream(iter([(frame, out.properties)]), _nothing),
+                                      clean_headers)]
+            if out.stream_content is not None and is_async_iterable(out.stream_content):
+                out.stream_content = self._async_items(out.stream_content)
+            results = _split_output(out, n)
         except Exception as e:  # the handler's mistake: that request's 424, never a dead worker
             logger.exception("handler %s returned an Output that cannot be sent", self.source)
             error = f"handler returned an unusable Output: {type(e).__name__}: {e}"
             return [failed_result(424, "Invalid output", error) for _ in range(n)]
+        if out.finalize_function is not None:
+            finalize = out.finalize_function
+            results[-1].finalize = lambda: self._resolve(finalize(*out.finalize_args))
+        return results
+
+    def _async_items(self, agen):
+        self._resolve(_noop())  # make sure the event loop exists
+        assert self.runner is not None
+        return self.runner.iterate(agen)
+
+    def _frame_stream(self, agen) -> FrameStream:
+        """An async generator of frame Outputs as the frames of one request."""
+        items = self._async_items(agen)
+
+        def frames():
+            for item in items:
+                if isinstance(item, Output):
+                    yield output_frame(item, strict=True), item.properties
+                elif isinstance(item, (str, bytes, bytearray)):  # plain chunks: data, not last
+                    text = item if isinstance(item, str) else bytes(item).decode("utf-8")
+                    yield {"data": text}, {}
+                else:
+                    raise FrameError(424, f"async handler yielded {type(item).__name__}; "
+                                          "yield Outputs made with Output.binary_encode")
+
+        return FrameStream(frames(), items.close)
 
 
 # ---- splitting an Output back into per-request results ---------------------------------------
@@ -229,7 +335,65 @@ def _split_headers(properties: dict[str, str], n: int) -> list[dict[str, str]]:
             shared[key] = str(value)
         elif split[0] < n:
             own[split[0]][split[1]] = str(value)
-    return [{**shared, **mine} for mine in own]
+    return [clean_headers({**shared, **mine}) for mine in own]
+
+
+def _nothing() -> None:
+    pass
+
+
+async def _noop() -> None:
+    pass
+
+
+# How many requests an async handler serves at once unless option.max_rolling_batch_size says.
+ASYNC_CONCURRENCY = 32
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _flag(properties: dict[str, str], key: str, source: str) -> bool | None:
+    value = properties.get(key)
+    if value is None or value.strip() == "":
+        return None
+    v = value.strip().lower()
+    if v in _TRUE or v in _FALSE:
+        return v in _TRUE
+    raise HandlerLoadError(f"{source}: option.{key}={value!r} is not a boolean; use true or "
+                           "false")
+
+
+def _int_property(properties: dict[str, str], key: str, default: int, source: str) -> int:
+    value = properties.get(key)
+    if value is None or value.strip() == "":
+        return default
+    try:
+        number = int(value.strip())
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise HandlerLoadError(f"{source}: option.{key}={value!r} must be an integer >= 1")
+    return number
+
+
+def _mode(handle: Handle, host: EngineHost | None, properties: dict[str, str],
+          source: str) -> str:
+    """How the worker drives a user's handle: "plain", "async" or "rolling" (module docstring).
+    The default LLM handler (which owns an engine) is always driven by its engine."""
+    if host is not None:
+        return "plain"
+    async_mode = _flag(properties, "async_mode", source)
+    if async_mode is None:
+        async_mode = inspect.iscoroutinefunction(handle) or inspect.isasyncgenfunction(handle)
+    rolling = (properties.get("rolling_batch") or "disable").strip().lower() != "disable"
+    sagemaker = isinstance(getattr(handle, "__self__", None), SageMakerHandler)
+    mode = "async" if async_mode else "rolling" if rolling and not sagemaker else "plain"
+    if mode != "plain" and rank_and_world()[1] > 1:
+        switch = "option.async_mode" if mode == "async" else "option.rolling_batch"
+        raise HandlerLoadError(
+            f"{source}: {switch} runs a custom handler in one process; it cannot also run in "
+            f"a tensor-parallel group of {rank_and_world()[1]} ranks. Set "
+            "tensor_parallel_degree=1 (the handler may use several devices itself)")
+    return mode
 
 
 def _pick(entries: list[tuple[str | None, bytes]]) -> bytes | None:

@@ -111,10 +111,18 @@ class WorkerLoop:
                 plain.append(P.Response(item.id, r.code, r.message, r.headers, r.body))
             else:
                 streams.append((item.id, r))
-        if plain:
-            self.send(*plain)
-        for rid, r in streams:
-            self._stream(rid, r)
+        try:
+            if plain:
+                self.send(*plain)
+            for rid, r in streams:
+                self._stream(rid, r)
+        finally:
+            for r in results:
+                if r.finalize is not None:
+                    try:
+                        r.finalize()
+                    except Exception:  # noqa: BLE001 - the answer is out; only log it
+                        log.exception("Output.finalize function failed")
 
     def _stream(self, rid: int, r) -> None:
         self.send(P.Response(rid, r.code, r.message, r.headers, r.body, stream=True))
