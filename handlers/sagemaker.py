@@ -81,3 +81,48 @@ class SageMakerHandler:
             body = to_json_bytes(body)
             content_type = content_type or "application/json"
         return body, content_type
+
+
+class DecoratedHandler(SageMakerHandler):
+    """A model.py that marks its functions with DJL's decorators instead of defining handle():
+    @init_handler `fn(model_dir) -> model`, @prediction_handler `fn(X, model) -> predictions`,
+    and optionally @input_formatter `fn(inputs: Input, content_type=...) -> X` and
+    @output_formatter `fn(predictions) -> body`. As in DJL's handlers that use them: without an
+    input formatter X is the decoded body's "inputs" (or the whole decoded body); without a
+    prediction handler (or when it returns None) the model's predict(X) answers; without an
+    output formatter the answer is {"predictions": ...} as JSON."""
+
+    def __init__(self, model_dir: str, *, init: Callable | None, predict: Callable | None,
+                 input_formatter: Callable | None, output_formatter: Callable | None) -> None:
+        self.model_dir = model_dir
+        self.model_fn = init
+        self.prediction = predict
+        self.input_formatter = input_formatter
+        self.output_formatter = output_formatter
+        self.model = None
+        self.loaded = False
+
+    def _one(self, item: Input) -> tuple[bytes | str, str | None]:
+        from handlers.encode_decode import decode  # numpy-free unless the body needs it
+
+        content_type = item.get_property("Content-Type")
+        if self.input_formatter is not None:
+            data = self.input_formatter(item, content_type=content_type)
+        else:
+            decoded = decode(item, content_type)
+            data = decoded.get("inputs", decoded) if isinstance(decoded, dict) else decoded
+        predictions = self.prediction(data, self.model) if self.prediction else None
+        if predictions is None:
+            predict = getattr(self.model, "predict", None)
+            if predict is None:
+                raise TypeError("model.py's @prediction_handler returned None and the model "
+                                "from @init_handler has no predict(X)")
+            predictions = predict(data)
+        if self.output_formatter is not None:
+            body = self.output_formatter(predictions)
+            if isinstance(body, (bytes, bytearray, str)):
+                return body, None
+            return to_json_bytes(body), "application/json"
+        if hasattr(predictions, "tolist"):
+            predictions = predictions.tolist()
+        return to_json_bytes({"predictions": predictions}), "application/json"

@@ -47,12 +47,13 @@ from engines.contracts.errors import ValidationError, error_body, handler_error
 from engines.contracts.names import (ADAPTER_FUNCTIONS, CONTROL_FUNCTIONS, FUNCTION_PROPERTY,
                                      ITEM_CODE_PROPERTY, LMI_BUILTIN_ENTRY_POINTS)
 from handlers.async_runner import AsyncRunner, is_async_iterable
-from handlers.formatters import INPUT_FORMATTER_TAG, OUTPUT_FORMATTER_TAG
+from handlers.formatters import (INIT_HANDLER_TAG, INPUT_FORMATTER_TAG, OUTPUT_FORMATTER_TAG,
+                                 PREDICTION_HANDLER_TAG)
 from handlers.frames import FrameError, FrameStream, frames_result, output_frame
 from handlers.inputs import Input, input_from_items, split_batch_key
 from handlers.outputs import Output
 from handlers.ranks import rank_and_world
-from handlers.sagemaker import SAGEMAKER_FUNCTIONS, SageMakerHandler
+from handlers.sagemaker import SAGEMAKER_FUNCTIONS, DecoratedHandler, SageMakerHandler
 
 if TYPE_CHECKING:
     from engines.contracts.protocol import RequestItem
@@ -507,18 +508,25 @@ def _handler_from_module(module: ModuleType, model_dir: str, source: str) -> Res
     handle = getattr(module, "handle", None)
     if callable(handle):
         return handle, source, None, _functions(module)
-    if any(callable(getattr(module, f, None)) for f in SAGEMAKER_FUNCTIONS):
-        return SageMakerHandler(module, model_dir).handle, source, None, _functions(module)
     in_fmt = _tagged(module, INPUT_FORMATTER_TAG)
     out_fmt = _tagged(module, OUTPUT_FORMATTER_TAG)
+    init, predict = _tagged(module, INIT_HANDLER_TAG), _tagged(module, PREDICTION_HANDLER_TAG)
+    if init is not None or predict is not None:
+        handler = DecoratedHandler(model_dir, init=init, predict=predict,
+                                   input_formatter=in_fmt, output_formatter=out_fmt)
+        return (handler.handle, f"{source} (@init_handler/@prediction_handler)", None,
+                _functions(module))
+    if any(callable(getattr(module, f, None)) for f in SAGEMAKER_FUNCTIONS):
+        return SageMakerHandler(module, model_dir).handle, source, None, _functions(module)
     if in_fmt is not None or out_fmt is not None:
         # The front end does not import a model.py, so this handler chooses its engine itself.
         handle, _, host, functions = _default_handler(source, None, input_formatter=in_fmt,
                                                       output_formatter=out_fmt)
         return handle, f"{source} (formatters on the default LLM handler)", host, functions
     raise HandlerLoadError(
-        f"{source}: defines no handle(inputs), no SageMaker model_fn/predict_fn and no "
-        "@input_formatter/@output_formatter function. Hint: add `def handle(inputs)`")
+        f"{source}: defines no handle(inputs), no SageMaker model_fn/predict_fn, no "
+        "@init_handler/@prediction_handler and no @input_formatter/@output_formatter function. "
+        "Hint: add `def handle(inputs)`")
 
 
 def _tagged(module: ModuleType, tag: str) -> Callable | None:

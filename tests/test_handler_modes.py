@@ -275,3 +275,48 @@ def test_rolling_batch_handler_served(tmp_path):
             assert text == "".join(f" q{i}:{k}" for k in range(1, 4 + i))
         r = srv.post("/invocations", {"inputs": "stats"})
         assert r.status == 200 and max(r.json()["calls"]) == 3
+
+
+# ---- @init_handler / @prediction_handler -----------------------------------------------------
+
+DECORATED = '''
+from djl_python.input_parser import init_handler, prediction_handler, input_formatter
+from djl_python.output_formatter import output_formatter
+
+class Scale:
+    def __init__(self, factor):
+        self.factor = factor
+    def predict(self, X):
+        return [x * self.factor for x in X]
+
+@init_handler
+def load(model_dir, **kwargs):
+    return Scale(float(open(model_dir + "/factor.txt").read()))
+
+@prediction_handler
+def predict(X, model, **kwargs):
+    return [x + 1 for x in model.predict(X)]
+'''
+
+
+def test_decorated_handlers(tmp_path):
+    (tmp_path / "factor.txt").write_text("3")
+    (tmp_path / "model.py").write_text(DECORATED)
+    svc = ModelService.load(str(tmp_path), {"model_dir": str(tmp_path)})
+    assert "@init_handler/@prediction_handler" in svc.source
+    [r] = svc.invoke([item({"inputs": [1, 2]})])
+    assert (r.code, json.loads(r.body)) == (200, {"predictions": [4.0, 7.0]})
+    assert r.headers["Content-Type"] == "application/json"
+    # With formatters: the input formatter gets the Input, the output formatter the predictions.
+    (tmp_path / "model.py").write_text(DECORATED + '''
+@input_formatter
+def parse(inputs, content_type=None, **kwargs):
+    return [float(x) for x in inputs.get_as_string().split(",")]
+
+@output_formatter
+def show(predictions):
+    return ";".join(f"{p:g}" for p in predictions)
+''')
+    svc = ModelService.load(str(tmp_path), {"model_dir": str(tmp_path)})
+    [r] = svc.invoke([RequestItem(0, {"Content-Type": "text/csv"}, [("data", b"1,2,5")])])
+    assert (r.code, r.body) == (200, b"4;7;16")
