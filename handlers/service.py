@@ -447,16 +447,17 @@ def _resolve_handler(model_dir: str, properties: dict[str, str],
             return _default_handler(f"option.entryPoint={entry}", llm)
         path = entry if os.path.isabs(entry) else os.path.join(model_dir, entry)
         if os.path.isfile(path):
-            return _handler_from_module(_import_file(path), model_dir, path)
+            return _handler_from_module(_import_file(path), model_dir, path, properties)
         if entry.endswith(".py") or "/" in entry or os.sep in entry:
             raise HandlerLoadError(
                 f"option.entryPoint={entry}: no such file {path}. Hint: give a path relative "
                 f"to the model directory {model_dir}, an absolute path, or a module name")
         module = _import_module(entry, model_dir)
-        return _handler_from_module(module, model_dir, getattr(module, "__file__", None) or entry)
+        return _handler_from_module(module, model_dir, getattr(module, "__file__", None) or entry,
+                                    properties)
     path = os.path.join(model_dir, "model.py")
     if os.path.isfile(path):
-        return _handler_from_module(_import_file(path), model_dir, path)
+        return _handler_from_module(_import_file(path), model_dir, path, properties)
     if os.path.isfile(os.path.join(model_dir, "config.json")):
         return _default_handler(f"default LLM handler for {model_dir}", llm)
     raise HandlerLoadError(
@@ -504,10 +505,15 @@ def _import_module(name: str, model_dir: str) -> ModuleType:
             f"use a file in {model_dir} (e.g. model.py) or an importable module name") from e
 
 
-def _handler_from_module(module: ModuleType, model_dir: str, source: str) -> Resolved:
-    handle = getattr(module, "handle", None)
+def _handler_from_module(module: ModuleType, model_dir: str, source: str,
+                         properties: dict[str, str]) -> Resolved:
+    # option.handler: DJL's name for the entry function (default handle).
+    name = (properties.get(FUNCTION_PROPERTY) or "").strip() or "handle"
+    handle = getattr(module, name, None)
     if callable(handle):
         return handle, source, None, _functions(module)
+    if name != "handle":
+        raise HandlerLoadError(f"{source}: option.handler={name} names no function in it")
     in_fmt = _tagged(module, INPUT_FORMATTER_TAG)
     out_fmt = _tagged(module, OUTPUT_FORMATTER_TAG)
     init, predict = _tagged(module, INIT_HANDLER_TAG), _tagged(module, PREDICTION_HANDLER_TAG)

@@ -320,3 +320,15 @@ def show(predictions):
     svc = ModelService.load(str(tmp_path), {"model_dir": str(tmp_path)})
     [r] = svc.invoke([RequestItem(0, {"Content-Type": "text/csv"}, [("data", b"1,2,5")])])
     assert (r.code, r.body) == (200, b"4;7;16")
+
+
+def test_option_handler_names_the_entry_function(tmp_path):
+    (tmp_path / "model.py").write_text(
+        "from djl_python import Output\n"
+        "def predict(inputs):\n"
+        "    return None if inputs.is_empty() else Output().add('via predict')\n")
+    svc = ModelService.load(str(tmp_path), {"model_dir": str(tmp_path), "handler": "predict"})
+    [r] = svc.invoke([item({})])
+    assert r.body == b"via predict"
+    with pytest.raises(HandlerLoadError, match="option.handler=infer names no function"):
+        ModelService.load(str(tmp_path), {"model_dir": str(tmp_path), "handler": "infer"})
