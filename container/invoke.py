@@ -78,7 +78,14 @@ class Invocation:
             if k.lower() == "content-type":
                 return v
         # Handlers that set no content type mostly return JSON; sniff rather than mislabel it.
-        return JSON_TYPE if self.response.body[:1] in (b"{", b"[") else "text/plain; charset=utf-8"
+        body = self.response.body
+        if body[:1] in (b"{", b"["):
+            return JSON_TYPE
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError:  # tensors, images, audio: bytes, not text
+            return "application/octet-stream"
+        return "text/plain; charset=utf-8"
 
     def header(self, name: str) -> str | None:
         name = name.lower()

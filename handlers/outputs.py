@@ -115,7 +115,14 @@ class Output:
         from handlers.ndlist import encode_ndlist
 
         self.content.add(self._key(key, batch_index), encode_ndlist(np_list))
+        self._default_type("tensor/ndlist", batch_index)
         return self
+
+    def _default_type(self, content_type: str, batch_index: int | None) -> None:
+        """Label a tensor body the handler left unlabelled (it is bytes, not text)."""
+        key = "Content-Type" if batch_index is None else batch_key(batch_index, "Content-Type")
+        if not any(k.lower() == key.lower() for k in self.properties):
+            self.properties[key] = content_type
 
     def add_as_npz(self, np_list: np.ndarray | list[np.ndarray], key: str | None = None,
                    batch_index: int | None = None) -> Output:
@@ -126,6 +133,7 @@ class Output:
         buf = io.BytesIO()
         np.savez(buf, *np_list)
         self.content.add(self._key(key, batch_index), buf.getvalue())
+        self._default_type("tensor/npz", batch_index)
         return self
 
     def add_stream_content(self, stream_generator: Iterable[Any],

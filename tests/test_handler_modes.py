@@ -332,3 +332,14 @@ def test_option_handler_names_the_entry_function(tmp_path):
     assert r.body == b"via predict"
     with pytest.raises(HandlerLoadError, match="option.handler=infer names no function"):
         ModelService.load(str(tmp_path), {"model_dir": str(tmp_path), "handler": "infer"})
+
+
+def test_tensor_bodies_are_labelled():
+    import numpy as np
+
+    out = Output().add_as_numpy([np.zeros(2, dtype="float32")])
+    assert out.properties == {"Content-Type": "tensor/ndlist"}
+    out = Output().add_property("content-type", "application/x-mine")
+    out.add_as_npz([np.zeros(2)], batch_index=0)
+    assert out.properties == {"content-type": "application/x-mine",
+                              "batch_000_Content-Type": "tensor/npz"}
