@@ -343,3 +343,30 @@ def test_tensor_bodies_are_labelled():
     out.add_as_npz([np.zeros(2)], batch_index=0)
     assert out.properties == {"content-type": "application/x-mine",
                               "batch_000_Content-Type": "tensor/npz"}
+
+
+def test_accumulator_keeps_state_across_calls(tmp_path):
+    import urllib.request
+
+    import numpy as np
+
+    from handlers.ndlist import decode_ndlist, encode_ndlist
+
+    def post(url: str, array) -> tuple[str, np.ndarray]:
+        request = urllib.request.Request(url, data=encode_ndlist([array]),
+                                         headers={"Content-Type": "tensor/ndlist"})
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.headers["Content-Type"], decode_ndlist(r.read())[0]
+
+    with LmcServer(["--model-dir", str(served(tmp_path, "accumulate"))]) as srv:
+        step = np.array([1.5, -2.0], dtype=np.float32)
+        for k in range(1, 4):
+            content_type, total = post(f"{srv.url}/invocations", step)
+            assert content_type == "tensor/ndlist"
+            np.testing.assert_array_equal(total, step * k)
+        # Concurrent calls on the one (sync) worker run one at a time: no update is lost.
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda _: post(f"{srv.url}/invocations", step), range(6)))
+        np.testing.assert_array_equal(post(f"{srv.url}/invocations", step)[1], step * 10)
