@@ -8,11 +8,18 @@ Wire facts (botocore's sagemaker-runtime service model, rest-json protocol):
 - the response stream is a sequence of AWS event-stream messages, one `PayloadPart` event per
   chunk the model produced, written with chunked encoding (without it botocore buffers the
   whole stream). A failure mid-stream is a `ModelStreamError` exception message.
+- stateful sessions: the request's SessionId is the X-Amzn-SageMaker-Session-Id header (the
+  container sees it as is); InvokeEndpoint accepts NEW_SESSION or a session id, the streaming
+  call only an id. The container answers a NEW_SESSION request with
+  `X-Amzn-SageMaker-Session-Id: <id>; Expires=<time>`, which the platform returns as
+  X-Amzn-SageMaker-New-Session-Id (NewSessionId); its X-Amzn-SageMaker-Closed-Session-Id comes
+  back as is (ClosedSessionId).
 """
 
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from collections.abc import AsyncIterator
@@ -42,6 +49,12 @@ _FORWARDED_PREFIX = "x-amzn-sagemaker-"
 _STREAM_ACCEPT = "x-amzn-sagemaker-accept"
 _CUSTOM_ATTRIBUTES = "X-Amzn-SageMaker-Custom-Attributes"
 _COMPONENT = "X-Amzn-SageMaker-Inference-Component"
+_SESSION_ID = "X-Amzn-SageMaker-Session-Id"
+_NEW_SESSION_ID = "X-Amzn-SageMaker-New-Session-Id"
+_CLOSED_SESSION_ID = "X-Amzn-SageMaker-Closed-Session-Id"
+_NEW_SESSION = "NEW_SESSION"
+# botocore's SessionIdHeader shape: at most 256 characters of this pattern.
+_SESSION_ID_PATTERN = re.compile(r"[a-zA-Z0-9](-*[a-zA-Z0-9])*")
 
 # ---------------------------------------------------------------------------------------------
 # Event-stream codec
@@ -165,11 +178,32 @@ def _with_component(model: Model, props: dict[str, str]) -> dict[str, str]:
     return {**props, ADAPTER_HEADER: component}
 
 
-def _success_headers(inv: invoke.Invocation) -> dict[str, str]:
+def _check_session_id(request: web.Request, *, stream: bool) -> None:
+    """SessionId as the platform validates it; only InvokeEndpoint may create a session."""
+    given = request.headers.get(_SESSION_ID)
+    if given is None or (given == _NEW_SESSION and not stream):
+        return
+    if given == _NEW_SESSION:
+        raise _Validation("SessionId=NEW_SESSION is for InvokeEndpoint only: "
+                          "InvokeEndpointWithResponseStream cannot start a session; start it "
+                          "with InvokeEndpoint, then stream with the id it returns")
+    if len(given) > 256 or not _SESSION_ID_PATTERN.fullmatch(given):
+        raise _Validation(f"1 validation error detected: Value {given!r} at 'sessionId' failed "
+                          f"to satisfy constraint: Member must satisfy regular expression "
+                          f"pattern: {_SESSION_ID_PATTERN.pattern} (at most 256 characters)")
+
+
+def _success_headers(request: web.Request, inv: invoke.Invocation) -> dict[str, str]:
     headers = {"x-Amzn-Invoked-Production-Variant": VARIANT}
     attrs = inv.header(_CUSTOM_ATTRIBUTES)
     if attrs is not None:
         headers[_CUSTOM_ATTRIBUTES] = attrs
+    new_session = inv.header(_SESSION_ID)
+    if new_session and request.headers.get(_SESSION_ID) == _NEW_SESSION:
+        headers[_NEW_SESSION_ID] = new_session  # "<id>; Expires=<time>", as the model set it
+    closed = inv.header(_CLOSED_SESSION_ID)
+    if closed:
+        headers[_CLOSED_SESSION_ID] = closed
     return headers
 
 
@@ -177,6 +211,7 @@ async def _start(request: web.Request, *, stream: bool) -> invoke.Invocation | w
     """Submit the request; an early failure comes back as the runtime API's error response."""
     name = request.match_info["name"]
     try:
+        _check_session_id(request, stream=stream)
         model = _resolve(request)
         return await invoke.submit(request, model, _with_component(
             model, _properties(request, stream=stream)))
@@ -195,7 +230,7 @@ async def invoke_endpoint(request: web.Request) -> web.StreamResponse:
     body = await inv.collect()  # InvokeEndpoint has no streaming: a streamed answer is buffered
     if not inv.ok:
         return model_error(request.match_info["name"], inv.response.code, body)
-    headers = _success_headers(inv)
+    headers = _success_headers(request, inv)
     headers["Content-Type"] = inv.content_type()
     return web.Response(status=200, body=body, headers=headers)
 
@@ -206,7 +241,7 @@ async def invoke_endpoint_with_response_stream(request: web.Request) -> web.Stre
         return inv
     if not inv.ok:
         return model_error(request.match_info["name"], inv.response.code, await inv.collect())
-    headers = _success_headers(inv)
+    headers = _success_headers(request, inv)
     headers["X-Amzn-SageMaker-Content-Type"] = inv.content_type()
     headers["Content-Type"] = EVENT_STREAM_TYPE
     out = web.StreamResponse(status=200, headers=headers)

@@ -4,5 +4,6 @@
 from handlers.inputs import Input
 from handlers.outputs import Output
 from handlers.pair_list import PairList
+from handlers.sessions import SessionManager
 
-__all__ = ["Input", "Output", "PairList"]
+__all__ = ["Input", "Output", "PairList", "SessionManager"]

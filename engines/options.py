@@ -336,6 +336,15 @@ class HandlerOptions:
     output_formatter: str = opt("option.output_formatter", "json",
                                 f"{' | '.join(OUTPUT_FORMATS)} | module:function")
     tgi_compat: bool = opt("option.tgi_compat", False, "true: TGI-shaped answers")
+    # SageMaker stateful sessions (handlers/sessions.py), LMI's keys and defaults.
+    enable_stateful_sessions: bool = opt(
+        "option.enable_stateful_sessions", True,
+        "requestType NEW_SESSION / CLOSE and the X-Amzn-SageMaker-Session-Id header")
+    sessions_path: str | None = opt("option.sessions_path", None,
+                                    "where sessions are kept (one dir shared by the workers)",
+                                    default_text="/dev/shm/djl_sessions")
+    sessions_expiration: int = opt("option.sessions_expiration", 1200,
+                                   "s a session lives after it is created", minimum=1)
 
 
 # ---- per engine --------------------------------------------------------------------------------

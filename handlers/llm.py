@@ -45,7 +45,8 @@ from typing import Any
 from dataclasses import replace
 
 from engines.contracts.engine import Capabilities, Engine
-from engines.contracts.errors import AdapterNotFound, LmcError, exception_body, parse_json
+from engines.contracts.errors import (AdapterNotFound, LmcError, SessionNotFound, exception_body,
+                                      parse_json)
 from engines.contracts.names import ADAPTER_HEADER, API_PROPERTY, ITEM_CODE_PROPERTY
 from engines.options import OUTPUT_FORMATS, HandlerOptions
 from engines.registry import create_engine
@@ -56,6 +57,7 @@ from handlers.inputs import Input, batch_key
 from handlers.llm_schema import Api, LLMRequest, parse_request
 from handlers.outputs import Output
 from handlers.ranks import rank_and_world
+from handlers.sessions import LLMSessions, SessionAnswer
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +92,7 @@ class LLMHandler:
         self.tgi_compat = False
         self.model_name = "model"
         self.engine: Engine | None = None
+        self.sessions = LLMSessions()  # stateful sessions, from the options in _configure
 
     # ------------------------------------------------------------------------------------------
     # Entry point
@@ -107,16 +110,21 @@ class LLMHandler:
             return None  # the warm-up itself, or a keep-alive; LMI answers both with nothing
 
         items = inputs.get_batches()
-        parsed: list[LLMRequest | ValidationError | AdapterNotFound] = []
+        parsed: list[LLMRequest | SessionAnswer | LmcError] = []
         for item in items:
             try:
+                # requestType NEW_SESSION / CLOSE is answered here; a session header is checked.
+                answer = self.sessions.answer(item, lmi=not item.get_property(API_PROPERTY))
+                if answer is not None:
+                    parsed.append(answer)
+                    continue
                 request = self._parse(item)
                 if request.stream and inputs.is_batch():
                     raise ValidationError(
                         "stream", "streaming needs batch_size=1 for this model (a stream cannot "
                         "share a dynamic batch); set batch_size=1 or send stream=false")
                 parsed.append(request)
-            except (ValidationError, AdapterNotFound) as exc:
+            except (ValidationError, AdapterNotFound, SessionNotFound) as exc:
                 parsed.append(exc)
 
         if not inputs.is_batch() and isinstance(parsed[0], LLMRequest) and parsed[0].stream:
@@ -129,6 +137,9 @@ class LLMHandler:
         n_errors = 0
         for i, request in enumerate(parsed):
             index = i if inputs.is_batch() else None
+            if isinstance(request, SessionAnswer):
+                request.add_to(output, index)
+                continue
             if isinstance(request, LmcError):
                 n_errors += 1
                 self._add(output, exception_body(request), index, fmt.JSON)
@@ -158,6 +169,7 @@ class LLMHandler:
             # A custom function named in serving.properties wins over a decorated one.
             self.output_formatter = _load_function(name, model_dir)
         self.tgi_compat = options.tgi_compat
+        self.sessions = LLMSessions.from_options(options)
         model_id = options.model_id or model_dir or "model"
         self.model_name = os.path.basename(model_id.rstrip("/")) or model_id
 

@@ -156,6 +156,26 @@ class NoAdapterSlot(OutOfMemory):
     type = "NoAdapterSlot"
 
 
+# ---- SageMaker stateful sessions (handlers/sessions.py) ----------------------------------------
+
+
+class SessionNotFound(LmcError, ValueError):
+    """A request named a session (X-Amzn-SageMaker-Session-Id) that does not exist: never
+    created, closed, or cleaned away after it expired. A ValueError, as DJL raises for it."""
+
+    status, type = 404, "SessionNotFound"
+
+    def __init__(self, session_id: str | None, message: str | None = None) -> None:
+        super().__init__(message or f"session not found: {session_id}")
+        self.session_id = session_id
+
+
+class SessionExpired(SessionNotFound):
+    """The session exists but its expiration time has passed; the message says when."""
+
+    status, type = 410, "SessionExpired"
+
+
 # HTTP status -> error type for errors that reach us as bare status codes (aiohttp's own
 # HTTPException, or a worker response code). Kept next to the classes so the table is one place.
 STATUS_TYPES: dict[int, str] = {
@@ -207,6 +227,8 @@ def _is_out_of_memory(exc: BaseException) -> bool:
 _HANDLER_ERRORS: tuple[tuple[Callable[[BaseException], bool], int, str, str], ...] = (
     (lambda e: isinstance(e, ValidationError), 400, ValidationError.type, "Bad Request"),
     (lambda e: isinstance(e, AdapterNotFound), 404, AdapterNotFound.type, "Not Found"),
+    (lambda e: isinstance(e, SessionExpired), 410, SessionExpired.type, "Gone"),
+    (lambda e: isinstance(e, SessionNotFound), 404, SessionNotFound.type, "Not Found"),
     (lambda e: isinstance(e, NoAdapterSlot), 507, NoAdapterSlot.type, "no free adapter slot"),
     (lambda e: isinstance(e, Conflict), 409, Conflict.type, "Conflict"),
     (_is_out_of_memory, 507, OutOfMemory.type, "out of memory"),
