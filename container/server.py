@@ -19,7 +19,7 @@ from pathlib import Path
 from aiohttp import web
 
 from engines.contracts import errors as E
-from container import invoke, llm_routes, sagemaker_runtime
+from container import header_timeout, invoke, llm_routes, sagemaker_runtime
 from container.access import (allowed_networks, check_model_dir, management,
                               model_roots)
 from container.config import ModelSpec, load_model_config
@@ -475,7 +475,8 @@ async def serve(specs: list[ModelSpec] | None, server_config: ServerOptions, *,
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    runner = header_timeout.AppRunner(app, header_timeout=server_config.header_timeout_s,
+                                      access_log=None, handle_signals=False)
     await runner.setup()
     site = web.TCPSite(runner, server_config.host, server_config.port, backlog=1024,
                        reuse_address=True)

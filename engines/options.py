@@ -212,6 +212,9 @@ class ServerOptions:
     body_timeout_s: float = opt("server.body_timeout", 60.0,
                                 "s for a request body to arrive in full (408 after)",
                                 env=("LMC_BODY_TIMEOUT",), minimum=0.001)
+    header_timeout_s: float = opt("server.header_timeout", 20.0,
+                                  "s for a request's headers to arrive in full (408, closed)",
+                                  env=("LMC_HEADER_TIMEOUT",), minimum=0.001)
     max_payload_mb: int | None = opt("server.max_payload_in_mb", None,
                                      "largest request body in MiB, if the byte size is unset",
                                      env=("SAGEMAKER_MAX_PAYLOAD_IN_MB",), minimum=1)

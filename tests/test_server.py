@@ -636,6 +636,46 @@ def test_slow_and_malformed_clients_get_a_bounded_answer(tmp_path):
         assert s.request("GET", "/ping").status == 200
 
 
+def test_slow_loris_headers_get_408_and_a_closed_connection(tmp_path):
+    """Headers trickled a byte at a time past LMC_HEADER_TIMEOUT: a 408 and the connection
+    closed, while a normal client is served meanwhile; a slow body has its own deadline (above),
+    and an idle keep-alive connection between requests is not cut by the header deadline."""
+    import socket
+
+    d = model_dir(tmp_path, "echo")
+    with LmcServer(["--model-dir", str(d)], env={"LMC_HEADER_TIMEOUT": "1"}) as s:
+        head = b"POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n"
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+            start = time.monotonic()
+            out = b""
+            trickle = b"X-Slow: loris\r\n" * 3
+            try:
+                c.sendall(head)
+                for i in range(len(trickle)):  # one header byte every 0.1 s, for 4.5 s
+                    if i == 3:  # meanwhile a normal client is served
+                        assert s.post("/invocations", {"ok": 1}).status == 200
+                    c.sendall(trickle[i:i + 1])
+                    time.sleep(0.1)
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the server closed the connection: what we expect
+            try:
+                while chunk := c.recv(65536):
+                    out += chunk
+            except ConnectionResetError:
+                pass
+            elapsed = time.monotonic() - start
+        assert out.startswith(b"HTTP/1.1 408"), out[:200]
+        assert b"LMC_HEADER_TIMEOUT" in out and 0.9 < elapsed < 4, elapsed
+        # A kept-alive connection may sit idle between requests longer than the deadline.
+        with socket.create_connection(("127.0.0.1", s.port), timeout=10) as c:
+            request = head + b"\r\n{}"
+            for _ in range(2):
+                c.sendall(request)
+                assert c.recv(65536).startswith(b"HTTP/1.1 200")
+                time.sleep(1.5)
+        assert s.request("GET", "/ping").status == 200
+
+
 def test_worker_killed_under_many_streams_ends_each_with_an_error(tmp_path):
     """SIGKILL of the worker while 6 streams generate: every stream ends with an error line
     naming the dead worker (none hangs), and the restarted worker serves again."""
