@@ -339,6 +339,10 @@ class HandlerOptions:
     output_formatter: str = opt("option.output_formatter", "json",
                                 f"{' | '.join(OUTPUT_FORMATS)} | module:function")
     tgi_compat: bool = opt("option.tgi_compat", False, "true: TGI-shaped answers")
+    # LMI's switch for its async (vLLM/TRT-LLM) services; the default handler already serves
+    # many requests at once on every engine, so it changes nothing here.
+    async_mode: bool = opt("option.async_mode", False,
+                           "accepted for LMI compatibility: requests run concurrently either way")
     # SageMaker stateful sessions (handlers/sessions.py), LMI's keys and defaults.
     enable_stateful_sessions: bool = opt(
         "option.enable_stateful_sessions", True,

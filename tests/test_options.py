@@ -107,3 +107,11 @@ def test_readme_option_tables_match_the_schema():
     assert m.group(1) == markdown_tables(), (
         "README option tables are stale: regenerate them with "
         "`.venv/bin/python -m engines.options --markdown`")
+
+
+def test_lmi_async_mode_switch_is_accepted_for_the_default_handler(llama):
+    # LMI's deployment recipes set OPTION_ASYNC_MODE=true; the default handler is concurrent
+    # anyway, so it loads and changes nothing. A value that is not a boolean still fails.
+    assert config(llama, env={"OPTION_ASYNC_MODE": "true"}).llm.handler.async_mode is True
+    with pytest.raises(ConfigError, match=r"option.async_mode.*'ture'"):
+        config(llama, env={"OPTION_ASYNC_MODE": "ture"})
