@@ -23,36 +23,61 @@ Which shape a response takes:
       anything else   a custom formatter: "module:function", or a function name in the model
                       dir's model.py (as is an @output_formatter function in model.py)
 
-Custom output formatters (LMI's vLLM-style contract, `fn(response: dict) -> dict | str`): on a
-non-streamed LMI response the formatter gets each per-input dict ({"generated_text", "details"?},
-or the chat.completion dict) and its result is sent instead (str as text, else JSON); on a
-stream it gets each line's dict and returns the item to send (str/bytes as-is, else framed as the
-stream's JSON line or SSE event). OpenAI and TGI routes keep their fixed shapes, since their
-clients parse them.
+Custom output formatters take one of LMI's two contracts, chosen by the annotation of the
+formatter's first parameter (OpenAI and TGI routes keep their fixed shapes, since their clients
+parse them):
+  dict, another annotation or none: the vLLM-style contract, `fn(response: dict) -> dict | str`.
+      On a non-streamed LMI response the formatter gets each per-input dict ({"generated_text",
+      "details"?}, or the chat.completion dict) and its result is sent instead (str as text/plain,
+      else JSON); on a stream it gets each line's dict and returns the item to send (str/bytes
+      as-is, else framed as the stream's JSON line or SSE event).
+  RequestOutput / TextGenerationOutput: LMI's contract for its other backends,
+      `fn(request_output: TextGenerationOutput) -> str`, called once per generated token with the
+      input's TextGenerationOutput so far (handlers/llm_formats.py, RequestOutputFormatter). A
+      non-streamed answer is the concatenation of what it returned (a list input: a JSON list of
+      one such string per input); a stream sends each non-empty piece as one chunk. The content
+      type is text/plain, or the function's `content_type` attribute when it has one.
+
+Adapter-level formatters (LMI): an adapter directory may hold its own model.py with
+@input_formatter / @output_formatter functions. They are imported when the adapter is registered
+on this worker (register_adapter: an import failure is a 424 and the adapter is not registered),
+replaced by update_adapter with a new src, dropped by unregister_adapter. A request on that
+adapter uses the adapter's input formatter and output formatter instead of the base model's,
+each falling back to the base model's when the adapter's model.py lacks it. The input formatter
+is picked before parsing, from the adapter the request names (body "adapters" when it names one
+adapter for all its inputs, else the adapter header, else ?adapter=); the client's "adapters"
+stay in force when the formatter returns a dict without them (LMI reads the adapter before the
+formatter runs). The output formatter follows each input's adapter; a stream uses its request's
+adapter's when all inputs share one adapter, else the base model's.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.machinery
 import importlib.util
 import inspect
+import itertools
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 from engines.contracts.engine import Capabilities, Engine
-from engines.contracts.errors import (AdapterNotFound, LmcError, SessionNotFound, exception_body,
-                                      parse_json)
+from engines.contracts.errors import (AdapterNotFound, LmcError, ModelFailure, SessionNotFound,
+                                      exception_body, parse_json)
 from engines.contracts.names import ADAPTER_HEADER, API_PROPERTY, ITEM_CODE_PROPERTY
 from engines.options import OUTPUT_FORMATS, HandlerOptions
 from engines.registry import create_engine
 from engines.selection import LLMPlan, plan_from_properties
-from engines.types import GenerationResult, SamplingParams, TokenEvent, ValidationError
+from engines.types import (GenerationResult, SamplingParams, TokenEvent, ValidationError,
+                          collect_results)
 from handlers import llm_formats as fmt
+from handlers.formatters import INPUT_FORMATTER_TAG, OUTPUT_FORMATTER_TAG
 from handlers.inputs import Input, batch_key
 from handlers.llm_schema import Api, LLMRequest, parse_request
 from handlers.outputs import Output
@@ -66,6 +91,34 @@ BUILTIN_OUTPUT_FORMATS = frozenset(OUTPUT_FORMATS)
 
 InputFormatter = Callable[..., Any]
 OutputFormatter = Callable[[Any], Any]
+
+# One input's engine events in the order they came, as (sample k of the input, event): what a
+# RequestOutput formatter is replayed on for a non-streamed answer.
+Steps = list[tuple[int, TokenEvent]]
+
+
+@dataclass(frozen=True)
+class AdapterFormatters:
+    """The formatters of an adapter directory's model.py (None: that one falls back to the base
+    model's)."""
+
+    input: InputFormatter | None
+    output: OutputFormatter | None
+    source: str  # the model.py they came from
+    module: str = ""  # its name in sys.modules
+
+
+@dataclass(frozen=True)
+class _Context:
+    """What a RequestOutput formatter sees of a request besides the parsed LLMRequest."""
+
+    parameters: dict[str, Any] = field(default_factory=dict)  # the body's "parameters"
+    client_request_id: str | None = None
+
+
+_adapter_module_ids = itertools.count()
+# Request headers that name the request (the front end echoes them as x-request-id).
+_REQUEST_ID_PROPERTIES = ("x-request-id", "X-Amzn-SageMaker-Inference-Id", "requestId")
 
 
 class LLMHandler:
@@ -92,6 +145,10 @@ class LLMHandler:
         self.tgi_compat = False
         self.model_name = "model"
         self.engine: Engine | None = None
+        # Adapter-level formatters by adapter name (register_adapter of an adapter dir with a
+        # model.py); a request on an adapter not in here uses the base model's.
+        self.adapter_formatters: dict[str, AdapterFormatters] = {}
+        self._request_ids = itertools.count(1)  # TextGenerationOutput.request_id
         self.sessions = LLMSessions()  # stateful sessions, from the options in _configure
 
     # ------------------------------------------------------------------------------------------
@@ -111,6 +168,7 @@ class LLMHandler:
 
         items = inputs.get_batches()
         parsed: list[LLMRequest | SessionAnswer | LmcError] = []
+        contexts: dict[int, _Context] = {}  # by position in parsed, for each LLMRequest
         for item in items:
             try:
                 # requestType NEW_SESSION / CLOSE is answered here; a session header is checked.
@@ -118,20 +176,24 @@ class LLMHandler:
                 if answer is not None:
                     parsed.append(answer)
                     continue
-                request = self._parse(item)
+                request, context = self._parse(item)
                 if request.stream and inputs.is_batch():
                     raise ValidationError(
                         "stream", "streaming needs batch_size=1 for this model (a stream cannot "
                         "share a dynamic batch); set batch_size=1 or send stream=false")
+                contexts[len(parsed)] = context
                 parsed.append(request)
             except (ValidationError, AdapterNotFound, SessionNotFound) as exc:
                 parsed.append(exc)
 
         if not inputs.is_batch() and isinstance(parsed[0], LLMRequest) and parsed[0].stream:
-            return self._stream_output(parsed[0])
+            return self._stream_output(parsed[0], contexts[0])
 
         valid = [p for p in parsed if isinstance(p, LLMRequest)]
-        groups = iter(self._generate(valid))
+        # A RequestOutput formatter is replayed on the engine's events: keep them when one runs.
+        record = any(fmt.takes_request_output(f) for p in valid for f in self._formatters_of(p))
+        results, events = self._generate_steps(valid, record=record)
+        groups, steps = iter(results), iter(events)
 
         output = Output()
         n_errors = 0
@@ -147,9 +209,9 @@ class LLMHandler:
                     output.add_property(batch_key(index, ITEM_CODE_PROPERTY), str(request.status))
                 continue
             request_groups = [next(groups) for _ in request.prompts]
-            body = self._format(request, request_groups)
-            content_type = fmt.TEXT if isinstance(body, str) else fmt.JSON
-            self._add(output, body, index, content_type)
+            request_steps = [next(steps) for _ in request.prompts]
+            body = self._format(request, request_groups, request_steps, contexts[i])
+            self._add(output, body, index, self._content_type(request, body))
 
         if n_errors == len(parsed):
             status = {p.status for p in parsed}
@@ -206,21 +268,52 @@ class LLMHandler:
         if not name or not src:
             raise ValidationError("name" if not name else "src",
                                   "register_adapter needs properties name and src")
-        info = self._lora_engine().add_adapter(
-            name, src, pin=_flag(inputs, "pin", False), preload=_flag(inputs, "preload", True))
+        engine = self._lora_engine()
+        # The adapter's own model.py first, as LMI does: if it does not import, the weights
+        # are not loaded either.
+        formatters = load_adapter_formatters(name, src)
+        try:
+            info = engine.add_adapter(name, src, pin=_flag(inputs, "pin", False),
+                                      preload=_flag(inputs, "preload", True))
+        except BaseException:
+            _forget_module(formatters)
+            raise
+        self._set_adapter_formatters(name, formatters)
         return Output().add_as_json({"status": f"Adapter {name} registered", "adapter": info})
 
     def update_adapter(self, inputs: Input) -> Output:
         name = inputs.get_property("name")
-        info = self._lora_engine().update_adapter(
-            name, src=inputs.get_property("src") or None, pin=_flag(inputs, "pin", None),
-            preload=_flag(inputs, "preload", None))
+        src = inputs.get_property("src") or None
+        engine = self._lora_engine()
+        # New weights from another directory bring that directory's model.py (or none).
+        formatters = load_adapter_formatters(name, src) if src else None
+        try:
+            info = engine.update_adapter(name, src=src, pin=_flag(inputs, "pin", None),
+                                         preload=_flag(inputs, "preload", None))
+        except BaseException:
+            _forget_module(formatters)
+            raise
+        if src:
+            self._set_adapter_formatters(name, formatters)
         return Output().add_as_json({"status": f"Adapter {name} updated", "adapter": info})
 
     def unregister_adapter(self, inputs: Input) -> Output:
         name = inputs.get_property("name")
-        self._lora_engine().remove_adapter(name)
+        try:
+            self._lora_engine().remove_adapter(name)
+        finally:
+            self._set_adapter_formatters(name, None)
         return Output().add_as_json({"status": f"Adapter {name} unregistered"})
+
+    def _set_adapter_formatters(self, name: str, formatters: AdapterFormatters | None) -> None:
+        old = self.adapter_formatters.pop(name, None)
+        if formatters is not None:
+            self.adapter_formatters[name] = formatters
+            logger.info("adapter %s: formatters from %s (input: %s, output: %s)", name,
+                        formatters.source, formatters.input is not None,
+                        formatters.output is not None)
+        if old is not None and old is not formatters:
+            _forget_module(old)
 
     def shutdown(self) -> None:
         if self.engine is not None:
@@ -230,16 +323,66 @@ class LLMHandler:
     # Requests
     # ------------------------------------------------------------------------------------------
 
-    def _parse(self, item: Input) -> LLMRequest:
+    def _parse(self, item: Input) -> tuple[LLMRequest, _Context]:
         raw_api = item.get_property(API_PROPERTY)
         try:
             api = Api(raw_api) if raw_api else Api.LMI
         except ValueError:
             raise ValidationError(API_PROPERTY, f"unknown API {raw_api!r}") from None
         payload = _decode_body(item)
-        if self.input_formatter is not None and api is Api.LMI:
-            payload = self._call_input_formatter(payload)
-        return self._with_adapters(parse_request(payload, api, self.engine), item)
+        if api is Api.LMI:
+            input_formatter = self._input_formatter_for(self._named_adapter(item, payload))
+            if input_formatter is not None:
+                payload = self._call_input_formatter(payload, input_formatter)
+        request = self._with_adapters(parse_request(payload, api, self.engine), item)
+        parameters = payload.get("parameters") if isinstance(payload, dict) else None
+        context = _Context(dict(parameters) if isinstance(parameters, dict) else {},
+                           next((v for k in _REQUEST_ID_PROPERTIES
+                                 if (v := item.get_property(k))), None))
+        return request, context
+
+    def _named_adapter(self, item: Input, payload: Any) -> str | None:
+        """The one adapter a request names before its input formatter runs (the same places,
+        in the same order, as `_with_adapters`); None for the base model, or when the body's
+        list names several."""
+        names = payload.get("adapters") if isinstance(payload, dict) else None
+        if isinstance(names, str):
+            given = [names]
+        elif isinstance(names, list) and names:
+            given = names
+        else:
+            header = item.get_property(ADAPTER_HEADER)
+            if header is None and item.contains_key("adapter"):
+                header = item.get_as_string("adapter")
+            given = [header] if header else []
+        distinct = {n if isinstance(n, str) and n not in ("", self.model_name) else None
+                    for n in given}
+        if len(distinct) == 1 and isinstance(name := distinct.pop(), str):
+            return name
+        return None
+
+    def _input_formatter_for(self, adapter: str | None) -> InputFormatter | None:
+        own = self.adapter_formatters.get(adapter) if adapter else None
+        return own.input if own is not None and own.input is not None else self.input_formatter
+
+    def _output_formatter_for(self, adapter: str | None) -> OutputFormatter | None:
+        own = self.adapter_formatters.get(adapter) if adapter else None
+        return own.output if own is not None and own.output is not None else self.output_formatter
+
+    def _formatters_of(self, request: LLMRequest) -> list[OutputFormatter | None]:
+        """The custom output formatter of each input of a request (None: the built-in shape)."""
+        if request.api is not Api.LMI:
+            return [None] * len(request.prompts)
+        if not request.adapters:
+            return [self.output_formatter] * len(request.prompts)
+        return [self._output_formatter_for(a) for a in request.adapters]
+
+    def _stream_formatter(self, request: LLMRequest) -> OutputFormatter | None:
+        """A stream has one formatter: its adapter's when every input is on that adapter."""
+        formatters = self._formatters_of(request)
+        if len(set(request.adapters)) > 1:
+            return self.output_formatter if request.api is Api.LMI else None
+        return formatters[0] if formatters else None
 
     def _with_adapters(self, request: LLMRequest, item: Input) -> LLMRequest:
         """The request's LoRA adapters: from the body (LMI "adapters", LoRAX adapter_id or
@@ -273,16 +416,26 @@ class LLMHandler:
             self.engine.check_adapter(name)
         return replace(request, adapters=tuple(names))
 
-    def _call_input_formatter(self, payload: Any) -> Any:
-        assert self.input_formatter is not None
+    def _call_input_formatter(self, payload: Any,
+                              formatter: InputFormatter | None = None) -> Any:
+        if formatter is None:
+            formatter = self.input_formatter
+        assert formatter is not None
+        named = payload.get("adapters") if isinstance(payload, dict) else None
         # LMI formatters take `tokenizer=`; simple ones take the payload alone.
-        parameters = inspect.signature(self.input_formatter).parameters.values()
+        parameters = inspect.signature(formatter).parameters.values()
         takes_tokenizer = any(
             p.name == "tokenizer" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters
         )
         if takes_tokenizer:
-            return self.input_formatter(payload, tokenizer=self.engine.tokenizer)
-        return self.input_formatter(payload)
+            result = formatter(payload, tokenizer=self.engine.tokenizer)
+        else:
+            result = formatter(payload)
+        if named is not None and isinstance(result, dict) and "adapters" not in result:
+            # LMI takes the adapter from the request before its formatter runs: a formatter
+            # that rebuilds the body does not move the request to the base model.
+            result = {**result, "adapters": named}
+        return result
 
     # ------------------------------------------------------------------------------------------
     # Generation
@@ -290,6 +443,11 @@ class LLMHandler:
 
     def _generate(self, requests: list[LLMRequest]) -> list[list[GenerationResult]]:
         """One engine call for the whole batch; one group of results per prompt, best first."""
+        return self._generate_steps(requests)[0]
+
+    def _generate_steps(self, requests: list[LLMRequest], *, record: bool = False
+                        ) -> tuple[list[list[GenerationResult]], list[Steps | None]]:
+        """`_generate`, and with `record` each prompt's engine events too (else None each)."""
         prompts: list[str | list[int]] = []
         params: list[SamplingParams] = []
         adapters: list[str | None] = []
@@ -302,23 +460,39 @@ class LLMHandler:
                 adapters.extend([request.adapters[i] if request.adapters else None]
                                 * len(samples))
                 sizes.append(len(samples))
+        log: list[TokenEvent] | None = [] if record and prompts else None
         if not prompts:
             results = []
+        elif log is not None:
+            # What engine.generate does (collect_results over generate_stream), keeping events.
+            stream = (self.engine.generate_stream(prompts, params, adapters) if any(adapters)
+                      else self.engine.generate_stream(prompts, params))
+            results = collect_results(_tap(stream, log), params,
+                                      [len(p) if isinstance(p, list) else
+                                       len(self.engine.encode(p)) for p in prompts])
         elif any(adapters):
             results = self.engine.generate(prompts, params, adapters)
         else:
             results = self.engine.generate(prompts, params)
         groups: list[list[GenerationResult]] = []
+        steps: list[Steps | None] = []
+        owner: list[tuple[int, int]] = []  # engine index -> (prompt group, sample)
         start = 0
-        for size in sizes:
+        for g, size in enumerate(sizes):
             group = results[start:start + size]
+            owner.extend((g, k) for k in range(size))
             start += size
             if size > 1:
                 group = sorted(group, key=fmt.cumulative_log_prob, reverse=True)
             groups.append(group)
-        return groups
+            steps.append([] if log is not None else None)
+        for event in log or ():
+            g, k = owner[event.index]
+            steps[g].append((k, event))
+        return groups, steps
 
-    def _format(self, request: LLMRequest, groups: list[list[GenerationResult]]) -> Any:
+    def _format(self, request: LLMRequest, groups: list[list[GenerationResult]],
+                steps: list[Steps | None] | None = None, context: _Context | None = None) -> Any:
         api = request.api
         if api is Api.OPENAI_COMPLETIONS:
             return fmt.openai_completion(request, groups, self._meta(request, chat=False))
@@ -328,21 +502,47 @@ class LLMHandler:
             body = fmt.tgi_response(request, 0, groups[0])
             # TGI's compat root answers a list, as TGI's and LoRAX's clients read it.
             return [body] if api is Api.TGI else body
-        if request.chat or self.output_format.endswith("_chat"):
-            bodies = [self._custom(fmt.openai_chat(request, [g], self._meta(request, chat=True)))
-                      for g in groups]
-        elif self.output_format == "none":
-            bodies = [_full_text(request, i, g[0]) for i, g in enumerate(groups)]
-        else:
-            bodies = [self._custom(fmt.lmi_response(request, i, g)) for i, g in enumerate(groups)]
+        bodies = []
+        for i, (group, formatter) in enumerate(zip(groups, self._formatters_of(request))):
+            if fmt.takes_request_output(formatter):
+                assert steps is not None and steps[i] is not None, "events were not recorded"
+                out = self._request_output(formatter, request, i, len(group), context)
+                bodies.append(fmt.format_request_output(out, steps[i]))
+            elif request.chat or self.output_format.endswith("_chat"):
+                meta = self._meta(request, chat=True)
+                bodies.append(self._custom(fmt.openai_chat(request, [group], meta), formatter))
+            elif self.output_format == "none":
+                bodies.append(_full_text(request, i, group[0]))
+            else:
+                bodies.append(self._custom(fmt.lmi_response(request, i, group), formatter))
         if request.is_list:
             return bodies
         body = bodies[0]
         # tgi_compat: TGI's json answer is a list even for one input.
         return [body] if self.tgi_compat and not isinstance(body, str) else body
 
-    def _custom(self, body: dict[str, Any]) -> Any:
-        return self.output_formatter(body) if self.output_formatter is not None else body
+    def _custom(self, body: dict[str, Any], formatter: OutputFormatter | None = None) -> Any:
+        """The dict contract: the formatter's result replaces the body."""
+        return formatter(body) if formatter is not None else body
+
+    def _request_output(self, formatter: OutputFormatter, request: LLMRequest, index: int,
+                        samples: int, context: _Context | None) -> fmt.RequestOutputFormatter:
+        """Input `index`'s TextGenerationOutput, for a RequestOutput formatter."""
+        context = context or _Context()
+        return fmt.RequestOutputFormatter(
+            formatter, request, index, request_id=next(self._request_ids), samples=samples,
+            parameters=dict(context.parameters),
+            adapter=request.adapters[index] if request.adapters else None,
+            client_request_id=context.client_request_id,
+            tokenizer=getattr(self.engine, "tokenizer", None), tgi_compat=self.tgi_compat)
+
+    def _content_type(self, request: LLMRequest, body: Any) -> str:
+        if not isinstance(body, str):
+            return fmt.JSON
+        formatter = self._formatters_of(request)[0]
+        if fmt.takes_request_output(formatter):
+            return fmt.formatter_content_type(formatter)
+        return fmt.TEXT
 
     def _meta(self, request: LLMRequest, *, chat: bool) -> fmt.OpenAIMeta:
         return fmt.OpenAIMeta.new(chat=chat, model=request.model or self.model_name)
@@ -351,7 +551,8 @@ class LLMHandler:
     # Streaming
     # ------------------------------------------------------------------------------------------
 
-    def _stream_format(self, request: LLMRequest) -> fmt.StreamFormat:
+    def _stream_format(self, request: LLMRequest,
+                       context: _Context | None = None) -> fmt.StreamFormat:
         api = request.api
         if api is Api.OPENAI_COMPLETIONS:
             return fmt.OpenAICompletionStream(request, self._meta(request, chat=False))
@@ -359,6 +560,13 @@ class LLMHandler:
             return fmt.OpenAIChatStream(request, self._meta(request, chat=True))
         if api.is_tgi:
             return fmt.TgiSSE(request)
+        formatter = self._stream_formatter(request)
+        if fmt.takes_request_output(formatter):
+            samples = len(request.sample_params())
+            outputs = [self._request_output(formatter, request, i, samples, context)
+                       for i in range(len(request.prompts))]
+            return fmt.RequestOutputStream(request, outputs, samples,
+                                           fmt.formatter_content_type(formatter))
         name = self.output_format
         stream: fmt.StreamFormat
         if request.chat or name.endswith("_chat"):
@@ -370,12 +578,12 @@ class LLMHandler:
             stream = fmt.TgiSSE(request)
         else:
             stream = fmt.LmiJsonlines(request)
-        if self.output_formatter is not None:
-            stream = fmt.with_custom_formatter(stream, self.output_formatter)
+        if formatter is not None:
+            stream = fmt.with_custom_formatter(stream, formatter)
         return stream
 
-    def _stream_output(self, request: LLMRequest) -> Output:
-        stream = self._stream_format(request)
+    def _stream_output(self, request: LLMRequest, context: _Context | None = None) -> Output:
+        stream = self._stream_format(request, context)
         output = Output()
         output.add_property("content-type", stream.content_type)
         samples = request.sample_params()  # best_of == n when streaming (llm_schema checks)
@@ -436,6 +644,59 @@ def _flag(inputs: Input, key: str, default: bool | None) -> bool | None:
     if value.lower() not in ("true", "false"):
         raise ValidationError(key, f"{key} must be true or false, got {value!r}")
     return value.lower() == "true"
+
+
+def _tap(stream: Iterator[list[TokenEvent]], log: list[TokenEvent]
+         ) -> Iterator[list[TokenEvent]]:
+    for events in stream:
+        log.extend(events)
+        yield events
+
+
+def load_adapter_formatters(name: str, src: str) -> AdapterFormatters | None:
+    """The @input_formatter / @output_formatter functions of `src`/model.py, imported as a
+    module of its own (one per registration: two adapters' model.py never share a module);
+    None when there is no model.py or it marks neither. A model.py that fails to import, or marks
+    two functions alike, is a ModelFailure (424, as LMI answers it)."""
+    path = os.path.join(src, "model.py")
+    if not os.path.isfile(path):
+        return None
+    module_name = f"lmc_adapter_{re.sub(r'[^0-9A-Za-z_]', '_', name)}_{next(_adapter_module_ids)}"
+    loader = importlib.machinery.SourceFileLoader(module_name, path)
+    spec = importlib.util.spec_from_loader(module_name, loader)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[module_name] = module  # dataclasses and pickle look a module up by name
+    directory = os.path.abspath(src)
+    sys.path.insert(0, directory)  # so it imports the files next to it, while it loads
+    try:
+        loader.exec_module(module)
+        found = {tag: [v for v in vars(module).values()
+                       if callable(v) and getattr(v, tag, False) is True]
+                 for tag in (INPUT_FORMATTER_TAG, OUTPUT_FORMATTER_TAG)}
+        for tag, functions in found.items():
+            if len(functions) > 1:
+                names = ", ".join(getattr(f, "__name__", "?") for f in functions)
+                raise ValueError(f"several functions marked {tag}: {names}; keep one")
+    except Exception as e:
+        sys.modules.pop(module_name, None)
+        raise ModelFailure(f"adapter {name!r}: custom code {path} failed to load: "
+                           f"{type(e).__name__}: {e}") from e
+    finally:
+        if directory in sys.path:
+            sys.path.remove(directory)
+    input_formatter = next(iter(found[INPUT_FORMATTER_TAG]), None)
+    output_formatter = next(iter(found[OUTPUT_FORMATTER_TAG]), None)
+    if input_formatter is None and output_formatter is None:
+        sys.modules.pop(module_name, None)
+        logger.info("adapter %s: %s marks no formatter; the base model's apply", name, path)
+        return None
+    return AdapterFormatters(input_formatter, output_formatter, path, module_name)
+
+
+def _forget_module(formatters: AdapterFormatters | None) -> None:
+    if formatters is not None and formatters.module:
+        sys.modules.pop(formatters.module, None)
 
 
 def _full_text(request: LLMRequest, index: int, result: GenerationResult) -> str:

@@ -6,17 +6,26 @@ Streamed: a `StreamFormat` turns engine `TokenEvent`s into items (dicts, or byte
 its `encode` makes one item one complete line or event, which is what a chunked HTTP response
 (and SageMaker's PayloadPart framing) needs. Each format also says how a failure after the first
 byte ends its stream: a final item with finish_reason "error" and the message.
+
+Custom output formatters under LMI's RequestOutput contract (first parameter annotated
+RequestOutput / TextGenerationOutput) are driven here too: `RequestOutputFormatter` keeps one
+input's TextGenerationOutput and calls the formatter once per generated token;
+`format_request_output` joins the pieces for a whole answer, `RequestOutputStream` sends them.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import time
+import typing
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from engines.types import FinishReason, GenerationResult, Token, TokenEvent
+from handlers import request_io
 from handlers.llm_schema import LLMRequest
 from handlers.outputs import to_json_bytes
 
@@ -492,3 +501,173 @@ def with_custom_formatter(fmt: StreamFormat, formatter: Callable[[Any], Any]) ->
     bytes result is sent as-is, anything else is framed by the format."""
     fmt.custom = formatter
     return fmt
+
+
+# ---- LMI's RequestOutput formatter contract --------------------------------------------------
+#
+# A custom output formatter whose first parameter is annotated RequestOutput or
+# TextGenerationOutput (djl_python.output_formatter / djl_python.request_io, or a subclass) gets
+# LMI's per-step contract instead of the dict one: one TextGenerationOutput per input, which
+# grows by one token per call, and the formatter is called once per generated token, returning
+# a str. A non-streamed answer is the concatenation of what it returned; a stream sends each
+# non-empty piece as one chunk. A non-streamed request replays the engine's events in order
+# (the formatter cannot tell it from a live stream), so both give the same pieces.
+
+_REQUEST_OUTPUT_NAMES = frozenset({"RequestOutput", "TextGenerationOutput"})
+
+
+def takes_request_output(fn: Callable[..., Any] | None) -> bool:
+    """Whether `fn` follows LMI's RequestOutput contract: its first parameter is annotated
+    RequestOutput / TextGenerationOutput (a subclass, or the name as a string annotation, counts
+    too). A `dict` annotation, any other one, or none keeps the dict contract."""
+    if fn is None:
+        return False
+    try:
+        parameters = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    if not parameters:
+        return False
+    annotation = parameters[0].annotation
+    if isinstance(annotation, str):  # `from __future__ import annotations` in the model.py
+        try:
+            annotation = typing.get_type_hints(fn).get(parameters[0].name, annotation)
+        except Exception:
+            pass
+    if isinstance(annotation, str):
+        return annotation.strip().strip("'\"").rsplit(".", 1)[-1] in _REQUEST_OUTPUT_NAMES
+    return isinstance(annotation, type) and issubclass(annotation, request_io.RequestOutput)
+
+
+def formatter_content_type(fn: Callable[..., Any]) -> str:
+    """The content type of a RequestOutput formatter's answer: text/plain (LMC does not guess
+    what the formatter wrote), unless the function carries a `content_type` attribute."""
+    declared = getattr(fn, "content_type", None)
+    return declared if isinstance(declared, str) and declared else TEXT
+
+
+def _io_token(token: Token, text: str | None = None) -> request_io.Token:
+    return request_io.Token(token.id, token.text if text is None else text, token.log_prob,
+                    token.special)
+
+
+class RequestOutputFormatter:
+    """One input's TextGenerationOutput, fed one engine event at a time (`feed`); each event
+    appends the token to its sequence and calls the user's formatter once.
+
+    Sequence k is sample k of the input (best_of / n); once every sequence has finished,
+    best_sequence_index is the one with the highest cumulative log prob and
+    other_sequences_indices the next n - 1. A Token's text is the text that step added to the
+    output (what LMI's json formatter concatenates into generated_text), so joining the texts
+    gives generated_text exactly."""
+
+    def __init__(self, fn: Callable[[Any], Any], request: LLMRequest, prompt_index: int, *,
+                 request_id: int, samples: int, parameters: dict[str, Any],
+                 adapter: str | None = None, client_request_id: str | None = None,
+                 tokenizer: Any = None, tgi_compat: bool = False) -> None:
+        self.fn = fn
+        self.keep = request.n
+        self.top_n = request.params.top_n_tokens
+        text_input = request_io.TextInput(
+            request_id=request_id, client_request_id=client_request_id, output_formatter=fn,
+            parameters=parameters, server_parameters=dataclasses.asdict(request.params),
+            tgi_compat=tgi_compat, input_text=request.prompts[prompt_index], adapters=adapter,
+            tokenizer=tokenizer)
+        # LMI's schema lists input_ids on TextInput: the prompt's token ids, as the engine got them.
+        text_input.input_ids = list(request.engine_prompts[prompt_index])
+        self.output = request_io.TextGenerationOutput(request_id=request_id, input=text_input)
+        for k in range(1, samples):
+            self.output.sequences[k] = request_io.Sequence()
+        self.open = set(range(samples))
+
+    @property
+    def finished(self) -> bool:
+        return self.output.finished
+
+    def feed(self, sample: int, event: TokenEvent) -> str:
+        out = self.output
+        if event.prefill is not None and not out.prompt_tokens_details:
+            out.prompt_tokens_details = [_io_token(t) for t in event.prefill]
+        last = event.finish_reason is not None
+        out.set_next_token(_io_token(event.token, event.text), sequence_index=sample,
+                           is_last_token=last, finish_reason=_reason(event.finish_reason))
+        out.sequences[sample].cumulative_log_prob += event.token.log_prob or 0.0
+        if self.top_n:
+            out.set_next_top_tokens([_io_token(t) for t in event.top_tokens], sample)
+        if last:
+            self.open.discard(sample)
+            if not self.open:
+                self._finish()
+        return self._call()
+
+    def fail(self, message: str) -> str:
+        """The generation failed: as LMI does, every open sequence gets a last token with id -1
+        and `error_msg`, finish_reason "error", and the formatter is called once more."""
+        out = self.output
+        for k in sorted(self.open) or [out.best_sequence_index]:
+            token = request_io.Token(-1, "", log_prob=-1.0, special_token=True, error_msg=message)
+            out.set_next_token(token, sequence_index=k, is_last_token=True,
+                               finish_reason=ERROR_FINISH_REASON)
+        self.open.clear()
+        out.finished = True
+        return self._call()
+
+    def _finish(self) -> None:
+        out = self.output
+        if len(out.sequences) > 1:
+            ranked = sorted(out.sequences, key=lambda k: out.sequences[k].cumulative_log_prob,
+                            reverse=True)
+            out.best_sequence_index = ranked[0]
+            out.other_sequences_indices = ranked[1:self.keep]
+        out.finished = True
+
+    def _call(self) -> str:
+        piece = self.fn(self.output)
+        if piece is None:
+            return ""
+        if isinstance(piece, (bytes, bytearray)):
+            return bytes(piece).decode("utf-8")
+        if not isinstance(piece, str):
+            name = getattr(self.fn, "__name__", repr(self.fn))
+            raise TypeError(f"output formatter {name} takes a RequestOutput, so it must return "
+                            f"a str (one piece of the response), got {type(piece).__name__}")
+        return piece
+
+
+def format_request_output(formatter: RequestOutputFormatter,
+                          events: list[tuple[int, TokenEvent]]) -> str:
+    """A non-streamed answer: the formatter called on each (sample, event) in the order the
+    engine produced them, its pieces joined."""
+    return "".join(formatter.feed(sample, event) for sample, event in events)
+
+
+class RequestOutputStream(StreamFormat):
+    """A stream under the RequestOutput contract: each event goes to its input's formatter and
+    the piece it returns is one chunk, sent as-is (an empty piece sends nothing). A failure
+    after the first byte is told to the formatters as LMI tells it (`RequestOutputFormatter.
+    fail`); should a formatter fail on that too, the stream ends with a plain-text error line."""
+
+    def __init__(self, request: LLMRequest, formatters: list[RequestOutputFormatter],
+                 samples: int, content_type: str = TEXT) -> None:
+        super().__init__(request, content_type)
+        self.formatters = formatters
+        self.samples = samples
+
+    def token(self, state: SequenceState, event: TokenEvent) -> list[Item]:
+        formatter = self.formatters[state.prompt_index]
+        piece = formatter.feed(state.index - state.prompt_index * self.samples, event)
+        return [piece.encode("utf-8")] if piece else []
+
+    def error(self, message: str) -> list[Item]:
+        pieces: list[Item] = []
+        for formatter in self.formatters:
+            if formatter.finished:
+                continue
+            try:
+                piece = formatter.fail(message)
+            except Exception as exc:  # the formatter is what failed: say so in plain text
+                return [*pieces, f"\n[error: {message}; the output formatter failed on the "
+                                 f"error too: {type(exc).__name__}: {exc}]\n".encode()]
+            if piece:
+                pieces.append(piece.encode("utf-8"))
+        return pieces
