@@ -212,6 +212,8 @@ class ServerOptions:
     body_timeout_s: float = opt("server.body_timeout", 60.0,
                                 "s for a request body to arrive in full (408 after)",
                                 env=("LMC_BODY_TIMEOUT",), minimum=0.001)
+    metrics: bool = opt("server.metrics", True, "serve Prometheus metrics at GET /metrics",
+                        env=("LMC_METRICS",))
     header_timeout_s: float = opt("server.header_timeout", 20.0,
                                   "s for a request's headers to arrive in full (408, closed)",
                                   env=("LMC_HEADER_TIMEOUT",), minimum=0.001)
