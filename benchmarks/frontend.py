@@ -158,12 +158,15 @@ class Server:
             self.proc.kill()
 
 
-def lmc_server(model_dir: Path, properties: str) -> Server:
+def lmc_server(model_dir: Path, properties: str, env: dict | None = None) -> Server:
+    """`lmc serve` of model_dir with these serving.properties; env is added to the server's
+    environment (benchmarks/observability.py sets LMC_METRICS and OTEL_* with it)."""
     (model_dir / "serving.properties").write_text(properties)
     port = free_port()
     return Server([sys.executable, "-m", "container", "serve", "--host", "127.0.0.1",
                    "--port", str(port), "--model-dir", str(model_dir)],
-                  f"http://127.0.0.1:{port}/invocations", env={"LMC_LOG_LEVEL": "WARNING"})
+                  f"http://127.0.0.1:{port}/invocations",
+                  env={"LMC_LOG_LEVEL": "WARNING", **(env or {})})
 
 
 def baseline_server(tmp: Path) -> Server:

@@ -60,8 +60,11 @@ async def one_request(session, url, prompt, max_new_tokens) -> dict:
 
 
 async def run_level(url: str, concurrency: int, requests: int, input_words: int,
-                    max_new_tokens: int) -> dict:
-    rng = random.Random(concurrency)
+                    max_new_tokens: int, seed: int | None = None) -> dict:
+    """`requests` streamed requests from `concurrency` closed-loop clients. The prompts come from
+    random.Random(seed), by default seeded with the concurrency; a new seed gives new prompts
+    (no prefix-cache hits from an earlier run)."""
+    rng = random.Random(concurrency if seed is None else seed)
     prompts = [prompt_text(rng, input_words) for _ in range(requests)]
     results: list[dict] = []
     queue = list(prompts)
@@ -84,7 +87,8 @@ async def run_level(url: str, concurrency: int, requests: int, input_words: int,
 
     return {"concurrency": concurrency, "requests": len(results),
             "out_tok_s": sum(r["tokens"] for r in results) / wall,
-            "ttft_ms": stats("ttft"), "tpot_ms": stats("tpot")}
+            "req_s": len(results) / wall, "wall_s": wall,
+            "ttft_ms": stats("ttft"), "tpot_ms": stats("tpot"), "latency_ms": stats("latency")}
 
 
 def free_port() -> int:
@@ -93,12 +97,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model_dir: str | None, max_batch: int) -> tuple[subprocess.Popen, str]:
+def start_server(model_dir: str | None, max_batch: int,
+                 env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`lmc serve` (SmolLM2 unless model_dir), up once /ping answers 200; env is added to the
+    server's environment."""
     port = free_port()
     cmd = [sys.executable, "-m", "container", "serve", "--host", "127.0.0.1", "--port", str(port)]
     if model_dir:
         cmd += ["--model-dir", model_dir]
-    env = {**os.environ, "LMC_LOG_LEVEL": "WARNING", "OPTION_MAX_ROLLING_BATCH_SIZE": str(max_batch)}
+    env = {**os.environ, "LMC_LOG_LEVEL": "WARNING",
+           "OPTION_MAX_ROLLING_BATCH_SIZE": str(max_batch), **(env or {})}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 300

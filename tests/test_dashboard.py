@@ -96,7 +96,7 @@ def test_every_metric_name_is_exported(dashboard):
         assert names, f"no lmc_ metric in {expr!r}"
         for name in names:
             base = base_name(name)
-            assert base in METRICS, f"{name!r} (in {expr!r}) is not a metric of container/metrics.py"
+            assert base in METRICS, f"{name!r} (in {expr!r}) is not in container/metrics.py"
             used.add(base)
     # The dashboard covers every exported metric but the raw KV block counts (the usage ratio
     # is their quotient).
