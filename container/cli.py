@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import os
 import subprocess
 import sys
 
+from container import tracing
 from container.config import resolve_models
+from engines import logs
 from engines.options import ConfigError, load_server_options
 
 
@@ -52,9 +53,10 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         server_config = load_server_options(host=args.host, port=args.port)
-        logging.basicConfig(level=server_config.log_level,
-                            format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logs.configure(server_config.log_level, server_config.log_format,
+                       access_log=server_config.access_log)
         specs = resolve_models(model_dir=args.model_dir, model_store=args.model_store)
+        tracing.configure()  # OpenTelemetry, only when the OTEL_* environment asks for it
     except ConfigError as e:
         print(f"lmc: configuration error: {e}", file=sys.stderr)
         return 2
@@ -66,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         runner = asyncio.run
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    return runner(serve(specs, server_config))
+    try:
+        return runner(serve(specs, server_config))
+    finally:
+        tracing.shutdown()  # export the spans still queued
 
 
 if __name__ == "__main__":

@@ -225,6 +225,11 @@ class ServerOptions:
                          default_text="~/.cache/lmc")
     log_level: str = opt("server.log_level", "INFO", "logging level", env=("LMC_LOG_LEVEL",),
                          choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    log_format: str = opt("server.log_format", "text",
+                          "text | json: log lines as text or one JSON object each",
+                          env=("LMC_LOG_FORMAT",), choices=("text", "json"))
+    access_log: bool = opt("server.access_log", True, "one INFO line per request (lmc.access)",
+                           env=("LMC_ACCESS_LOG",))
     cpu_devices: int | None = opt("server.cpu_devices", None,
                                   "CPU rank slots to plan TP groups on", env=("LMC_CPU_DEVICES",),
                                   minimum=1, default_text="the TP degree: one group")

@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 
+from engines import logs
 from engines.contracts import protocol as P
 from engines.contracts.engine import TPMode
 from engines.options import load_server_options
@@ -103,6 +104,14 @@ class WorkerLoop:
             log.exception("serving requests %s failed", [it.id for it in items])
 
     def _serve(self, service, items: list[P.RequestItem]) -> None:
+        # Every line logged while serving these requests carries their ids (engines/logs.py).
+        bound = logs.bind(*logs.ids_of(it.properties for it in items))
+        try:
+            self._serve_items(service, items)
+        finally:
+            logs.unbind(bound)
+
+    def _serve_items(self, service, items: list[P.RequestItem]) -> None:
         results = service.invoke(items)
         plain: list[P.Message] = []
         streams = []
@@ -160,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     rank, world = rank_and_world()
     name = args.name if world == 1 else f"{args.name} rank {rank}/{world}"
-    logging.basicConfig(level=load_server_options().log_level,
-                        format=f"%(asctime)s %(levelname)s [{name}] %(name)s: %(message)s")
+    options = load_server_options()
+    logs.configure(options.log_level, options.log_format, process=name)
     _die_with_parent()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     # torch's OpenMP threads spin 300k iterations (libgomp's default) before sleeping; with
@@ -228,10 +237,14 @@ def _replica(service, group: RankGroup) -> None:
         items = group.broadcast()
         if items is None:
             return
-        for result in service.invoke(items):
-            if result.stream is not None:
-                for _ in result.stream:  # the engine steps in lockstep with rank 0's
-                    pass
+        bound = logs.bind(*logs.ids_of(it.properties for it in items))
+        try:
+            for result in service.invoke(items):
+                if result.stream is not None:
+                    for _ in result.stream:  # the engine steps in lockstep with rank 0's
+                        pass
+        finally:
+            logs.unbind(bound)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # engines/ modules the front end may import: contracts, options and selection, all torch-free.
 FRONT_END_ENGINE_MODULES = {
     "engines", "engines.contracts", "engines.contracts.engine", "engines.contracts.errors",
-    "engines.contracts.names", "engines.contracts.protocol", "engines.options",
+    "engines.contracts.names", "engines.contracts.protocol", "engines.logs", "engines.options",
     "engines.selection", "engines.types", "engines.native", "engines.native.spec",
     "engines.sources", "engines.sources.errors", "engines.sources.hub",
     "engines.sources.archive", "engines.sources.s3",
@@ -50,6 +50,7 @@ def test_front_end_imports_no_torch_no_handlers_and_only_light_engine_modules(tm
     names = imported_after("container.server", "container.cli", "container.config", then=load)
     assert not ours(names, "torch") and not ours(names, "transformers")
     assert not ours(names, "handlers")
+    assert not ours(names, "opentelemetry")  # imported only when tracing is configured
     assert ours(names, "engines") <= FRONT_END_ENGINE_MODULES, \
         ours(names, "engines") - FRONT_END_ENGINE_MODULES
 
