@@ -18,7 +18,9 @@ from aiohttp import web
 from engines.contracts import errors as E
 from engines.contracts import protocol as P
 from engines.contracts.names import FUNCTION_PROPERTY
+from engines.logs import REQUEST_ID_PROPERTY, TRACE_ID_PROPERTY
 from container.jobs import Job, StreamEnd, new_request_item, stream_chunks
+from container.observe import JOB_KEY, MODEL_KEY, worker_properties
 from container.wlm import Model
 
 JSON_TYPE = "application/json"
@@ -111,20 +113,27 @@ class Invocation:
         return b"".join(parts)
 
 
+_NOT_FORWARDED = frozenset({FUNCTION_PROPERTY, REQUEST_ID_PROPERTY, TRACE_ID_PROPERTY})
+
+
 async def submit(request: web.Request, model: Model, properties: dict[str, str], *,
                  body: bytes | None = None) -> Invocation:
     """Send the request to `model` and wait (bounded by predict_timeout) for its first frame.
     Query parameters travel as extra content entries, as DJL passes them to handlers."""
     if body is None:
         body = await read_body(request)
-    # A client's "handler" header must not reach the worker as DJL's function selector: only
-    # the management API calls register_adapter and friends.
-    properties = {k: v for k, v in properties.items() if k.lower() != FUNCTION_PROPERTY}
+    # A client's "handler" header must not reach the worker as DJL's function selector (only
+    # the management API calls register_adapter and friends), nor its own spelling of the ids
+    # the worker logs with: the request id decided on arrival (and the trace id) replace them.
+    properties = {k: v for k, v in properties.items() if k.lower() not in _NOT_FORWARDED}
+    properties.update(worker_properties(request))
     content = [("data", body)]
     for k, v in request.query.items():
         if k != "model_name":
             content.append((k, v.encode()))
+    request[MODEL_KEY] = model.name
     job = model.submit(new_request_item(properties, content))
+    request[JOB_KEY] = job
     return Invocation(model, job, await _first_frame(request, model, job))
 
 

@@ -19,7 +19,8 @@ _job_ids = itertools.count(1)
 class Job:
     """One client request on its way through the queue to a worker and back."""
 
-    __slots__ = ("id", "item", "response", "chunks", "done", "enqueued_at")
+    __slots__ = ("id", "item", "response", "chunks", "done", "enqueued_at", "dispatched_at",
+                 "first_frame_at", "done_at", "stats", "worker")
 
     def __init__(self, item: P.RequestItem) -> None:
         loop = asyncio.get_running_loop()
@@ -28,11 +29,21 @@ class Job:
         self.response: asyncio.Future[P.Response] = loop.create_future()
         self.chunks: asyncio.Queue | None = None  # set when the response is a stream
         self.done: asyncio.Future[None] = loop.create_future()
+        # Timings (time.monotonic()) and the engine's statistics, for metrics and traces.
         self.enqueued_at = time.monotonic()
+        self.dispatched_at: float | None = None  # sent to a worker
+        self.first_frame_at: float | None = None  # its Response arrived
+        self.done_at: float | None = None  # its last frame arrived (or it failed)
+        self.stats: dict | None = None  # engines/contracts/metrics.py request statistics
+        self.worker: int | None = None  # the worker id that ran it
 
     def on_response(self, msg: P.Response) -> None:
+        self.first_frame_at = time.monotonic()
         if msg.stream:
             self.chunks = asyncio.Queue()
+        else:
+            self.stats = msg.stats
+            self.done_at = self.first_frame_at
         if not self.response.done():
             self.response.set_result(msg)
         if not msg.stream and not self.done.done():
@@ -42,7 +53,9 @@ class Job:
         if self.chunks is not None:
             self.chunks.put_nowait(data)
 
-    def on_end(self, error: str | None) -> None:
+    def on_end(self, error: str | None, stats: dict | None = None) -> None:
+        self.done_at = time.monotonic()
+        self.stats = stats
         if self.chunks is not None:
             self.chunks.put_nowait(StreamEnd(error))
         if not self.done.done():
@@ -50,6 +63,8 @@ class Job:
 
     def fail(self, exc: LmcError) -> None:
         """End the job with an error, whether or not its response has started."""
+        if self.done_at is None:
+            self.done_at = time.monotonic()
         if not self.response.done():
             self.response.set_exception(exc)
         elif self.chunks is not None and not self.done.done():

@@ -13,13 +13,12 @@ import os
 import signal
 import sys
 import time
-import uuid
 from pathlib import Path
 
 from aiohttp import web
 
 from engines.contracts import errors as E
-from container import header_timeout, invoke, llm_routes, sagemaker_runtime
+from container import header_timeout, invoke, llm_routes, metrics, observe, sagemaker_runtime
 from container.access import (allowed_networks, check_model_dir, management,
                               model_roots)
 from container.config import ModelSpec, load_model_config
@@ -31,9 +30,6 @@ from container.wlm import Model, ModelStatus
 log = logging.getLogger("lmc.server")
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-
-# Headers a client may use to name the request; echoed back as x-request-id.
-_REQUEST_ID_HEADERS = ("X-Amzn-SageMaker-Inference-Id", "X-Request-Id")
 
 _JSON = invoke.JSON_TYPE
 
@@ -52,6 +48,7 @@ class ModelManager:
         # True until the startup models (incl. preparing the default model) are registered,
         # so /ping says 503 rather than 200-with-nothing.
         self.starting = True
+        self.metrics: metrics.Metrics | None = None  # set by build_app when metrics are on
 
     def get(self, name: str) -> Model:
         m = self.models.get(name)
@@ -95,6 +92,8 @@ class ModelManager:
                 del self.fetching[spec.name]
         try:
             model = Model(cfg, server=self.server)
+            if self.metrics is not None:
+                model.request_stats_sink = self.metrics.engine_request
         except (LayoutError, ValueError) as e:
             raise E.BadRequest(f"model {spec.name!r}: {e}") from None
         try:
@@ -188,12 +187,7 @@ async def error_middleware(request: web.Request, handler):
 
 
 async def _on_prepare(request: web.Request, response: web.StreamResponse) -> None:
-    rid = None
-    for h in _REQUEST_ID_HEADERS:
-        rid = request.headers.get(h)
-        if rid:
-            break
-    response.headers["x-request-id"] = rid or uuid.uuid4().hex
+    response.headers["x-request-id"] = observe.request_id(request)  # decided on arrival
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,13 +389,17 @@ async def vllm_unload_lora(request: web.Request) -> web.Response:
 
 
 def build_app(server_config: ServerOptions, manager: ModelManager | None = None) -> web.Application:
-    app = web.Application(middlewares=[error_middleware, draining_middleware],
+    app = web.Application(middlewares=[observe.observe_middleware, error_middleware,
+                                       draining_middleware],
                           client_max_size=server_config.max_request_size)
     app["server_config"] = server_config
     app["models"] = manager or ModelManager(server_config)
+    if server_config.metrics:
+        app[observe.METRICS_KEY] = app["models"].metrics = metrics.Metrics(app["models"])
     app.on_response_prepare.append(_on_prepare)
     r = app.router
     r.add_get("/ping", ping)
+    r.add_get("/metrics", metrics.serve)
     r.add_post("/invocations", invocations)
     r.add_post("/predictions/{model}", predictions)
     r.add_post("/predictions/{model}/{version}", predictions)

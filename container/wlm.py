@@ -23,6 +23,7 @@ import asyncio
 import enum
 import logging
 import time
+from collections.abc import Callable
 
 from container.adapters import AdapterRegistry
 from container.batcher import collect_batch
@@ -31,6 +32,7 @@ from container.groups import GroupSpec, plan_groups
 from container.jobs import Job
 from container.worker_process import Worker, WorkerState
 from engines.contracts import protocol as P
+from engines.contracts.metrics import ENGINE_GAUGES, add_engine_counters
 from engines.options import ServerOptions, load_server_options
 from engines.contracts.errors import (LmcError, ModelNotReady, PredictTimeout, QueueFull,
                               ServiceUnavailable)
@@ -63,6 +65,10 @@ class Model:
         self.init_properties = config.init_properties()
         self.consecutive_failures = 0
         self.ever_ready = False
+        # Metrics: where each request's engine statistics go (container/metrics.py sets it),
+        # and the cumulative engine counters of workers that are gone.
+        self.request_stats_sink: Callable[[str, dict], None] | None = None
+        self.retired_engine: dict = {}
         # Tensor-parallel layout: each worker is a group of `tp` ranks on its own device slice.
         # Without GPUs and TP=1 any number of workers fit (None: unconstrained).
         gpus = list(config.gpus)
@@ -167,6 +173,30 @@ class Model:
         if self.consecutive_failures > self.config.retry_threshold:
             self._set_failed(f"{self.consecutive_failures} consecutive worker failures "
                              f"(retry_threshold={self.config.retry_threshold}); last: {reason}")
+
+    def on_request_stats(self, stats: dict) -> None:
+        if self.request_stats_sink is not None:
+            self.request_stats_sink(self.name, stats)
+
+    def retire_engine_stats(self, w: Worker) -> None:
+        """Keep a stopped worker's cumulative engine counters, so the model's stay monotonic."""
+        stats, w.engine_stats = w.engine_stats, None
+        if stats:
+            self.retired_engine = add_engine_counters(self.retired_engine, stats)
+
+    def engine_stats(self) -> dict:
+        """The model's engine statistics: counters of every worker it ever had, gauges of the
+        live ones (engines/contracts/metrics.py)."""
+        total = dict(self.retired_engine)
+        gauges = dict.fromkeys(ENGINE_GAUGES, 0)
+        live = False
+        for w in self.workers:
+            if w.engine_stats:
+                live = True
+                total = add_engine_counters(total, w.engine_stats)
+                for k in ENGINE_GAUGES:
+                    gauges[k] += w.engine_stats.get(k, 0)
+        return {**total, **gauges} if live or total else {}
 
     def on_worker_crash(self, w: Worker) -> None:
         if w in self.workers:

@@ -77,6 +77,7 @@ class Worker:
         self.exit_reason: str | None = None
         self.max_concurrency = 1
         self.adapters_synced = False  # has every registered LoRA adapter (container/adapters.py)
+        self.engine_stats: dict | None = None  # the group's last Stats (cumulative counters)
 
     def info(self) -> WorkerInfo:
         return WorkerInfo(self.id, self.proc.pid if self.proc else None, self.state.value,
@@ -176,6 +177,8 @@ class Worker:
                             job.on_response(msg)
                             if not msg.stream:
                                 del inflight[msg.id]
+                        if msg.stats is not None:
+                            self.model.on_request_stats(msg.stats)
                         self.model.consecutive_failures = 0
                     elif t is P.Chunk:
                         job = inflight.get(msg.id)
@@ -184,7 +187,11 @@ class Worker:
                     elif t is P.End:
                         job = inflight.pop(msg.id, None)
                         if job is not None:
-                            job.on_end(msg.error)
+                            job.on_end(msg.error, msg.stats)
+                        if msg.stats is not None:
+                            self.model.on_request_stats(msg.stats)
+                    elif t is P.Stats:
+                        self.engine_stats = msg.values
                     else:
                         log.warning("worker %d sent unexpected %s", self.id, t.__name__)
         except (ConnectionError, P.ProtocolError) as e:
@@ -208,6 +215,7 @@ class Worker:
     def _on_exit(self, rc: int | None) -> None:
         expected = self.state is WorkerState.STOPPED
         self.state = WorkerState.STOPPED
+        self.model.retire_engine_stats(self)
         self.exit_reason = _exit_text(rc)
         if self.inflight:
             err = WorkerDied(f"worker {self.id} of model {self.model.name!r} (pid "
@@ -231,8 +239,11 @@ class Worker:
                 job.fail(WorkerDied(f"worker {self.id} of model {self.model.name!r} is gone"))
             return
         self.state = WorkerState.BUSY
+        now = time.monotonic()
         for job in jobs:
             self.inflight[job.id] = job
+            job.dispatched_at = now
+            job.worker = self.id
         self.requests += len(jobs)
         self.writer.write(P.encode(P.Request([j.item for j in jobs])))
         if len(jobs) == 1:

@@ -513,11 +513,15 @@ def environment_settings(env: Mapping[str, str]) -> dict[str, Setting]:
             out["minWorkers"] = out["maxWorkers"] = Setting(value, src)
         elif key is not None:
             out[key] = Setting(value, src)
-        elif name.startswith("SERVING_") and name not in IGNORED_SERVING_ENV:
+        elif (name.startswith("SERVING_") and name not in IGNORED_SERVING_ENV
+              and name not in _SERVER_ENV):  # server-level (SERVING_LOAD_MODELS): not a model's
             known = sorted(n for n in all_env_vars() if n.startswith("SERVING_"))
             raise ConfigError(f"unknown {src}{did_you_mean(name, known)}; "
                               f"known SERVING_* variables: {', '.join(known)}")
     return out
+
+
+_SERVER_ENV = frozenset(name for f in fields_of(ServerOptions) for name in f.opt.env)
 
 
 def all_env_vars() -> dict[str, str]:

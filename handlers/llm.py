@@ -62,12 +62,14 @@ import logging
 import os
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from dataclasses import dataclass, field, replace
 
 from engines.contracts.engine import Capabilities, Engine
+from engines.contracts.metrics import RequestClock
 from engines.contracts.errors import (AdapterNotFound, LmcError, ModelFailure, SessionNotFound,
                                       exception_body, parse_json)
 from engines.contracts.names import ADAPTER_HEADER, API_PROPERTY, ITEM_CODE_PROPERTY
@@ -192,8 +194,8 @@ class LLMHandler:
         valid = [p for p in parsed if isinstance(p, LLMRequest)]
         # A RequestOutput formatter is replayed on the engine's events: keep them when one runs.
         record = any(fmt.takes_request_output(f) for p in valid for f in self._formatters_of(p))
-        results, events = self._generate_steps(valid, record=record)
-        groups, steps = iter(results), iter(events)
+        results, events, clocks = self._generate_steps(valid, record=record)
+        groups, steps, request_clocks = iter(results), iter(events), iter(clocks)
 
         output = Output()
         n_errors = 0
@@ -212,6 +214,7 @@ class LLMHandler:
             request_steps = [next(steps) for _ in request.prompts]
             body = self._format(request, request_groups, request_steps, contexts[i])
             self._add(output, body, index, self._content_type(request, body))
+            output.set_stats(next(request_clocks).stats(), index)
 
         if n_errors == len(parsed):
             status = {p.status for p in parsed}
@@ -314,6 +317,11 @@ class LLMHandler:
                         formatters.output is not None)
         if old is not None and old is not formatters:
             _forget_module(old)
+
+    def stats(self) -> dict | None:
+        """The engine's own statistics (engines/contracts/metrics.py), when it keeps any."""
+        stats = getattr(self.engine, "stats", None)
+        return stats() if stats is not None else None
 
     def shutdown(self) -> None:
         if self.engine is not None:
@@ -441,18 +449,18 @@ class LLMHandler:
     # Generation
     # ------------------------------------------------------------------------------------------
 
-    def _generate(self, requests: list[LLMRequest]) -> list[list[GenerationResult]]:
-        """One engine call for the whole batch; one group of results per prompt, best first."""
-        return self._generate_steps(requests)[0]
-
     def _generate_steps(self, requests: list[LLMRequest], *, record: bool = False
-                        ) -> tuple[list[list[GenerationResult]], list[Steps | None]]:
-        """`_generate`, and with `record` each prompt's engine events too (else None each)."""
+                        ) -> tuple[list[list[GenerationResult]], list[Steps | None],
+                                   list[RequestClock]]:
+        """One engine call for the whole batch: one group of results per prompt (best first);
+        with `record`, each prompt's engine events (else None each); each request's clock."""
         prompts: list[str | list[int]] = []
         params: list[SamplingParams] = []
         adapters: list[str | None] = []
         sizes: list[int] = []
-        for request in requests:
+        clocks = [RequestClock(adapter=r.adapters[0] if r.adapters else None) for r in requests]
+        clock_of: list[RequestClock] = []  # engine index -> its request's clock
+        for request, clock in zip(requests, clocks):
             samples = request.sample_params()
             for i, prompt in enumerate(request.engine_prompts):
                 prompts.extend([prompt] * len(samples))
@@ -460,20 +468,20 @@ class LLMHandler:
                 adapters.extend([request.adapters[i] if request.adapters else None]
                                 * len(samples))
                 sizes.append(len(samples))
+                clock_of.extend([clock] * len(samples))
         log: list[TokenEvent] | None = [] if record and prompts else None
         if not prompts:
             results = []
-        elif log is not None:
-            # What engine.generate does (collect_results over generate_stream), keeping events.
+        else:
+            # What engine.generate does (collect_results over generate_stream), timing each
+            # request's tokens (and keeping the events when a formatter replays them).
             stream = (self.engine.generate_stream(prompts, params, adapters) if any(adapters)
                       else self.engine.generate_stream(prompts, params))
-            results = collect_results(_tap(stream, log), params,
+            results = collect_results(_timed(stream, clock_of, log), params,
                                       [len(p) if isinstance(p, list) else
-                                       len(self.engine.encode(p)) for p in prompts])
-        elif any(adapters):
-            results = self.engine.generate(prompts, params, adapters)
-        else:
-            results = self.engine.generate(prompts, params)
+                                       self._count_tokens(p) for p in prompts])
+            for clock, result in zip(clock_of, results):
+                clock.prompt_tokens += result.prompt_tokens
         groups: list[list[GenerationResult]] = []
         steps: list[Steps | None] = []
         owner: list[tuple[int, int]] = []  # engine index -> (prompt group, sample)
@@ -489,7 +497,11 @@ class LLMHandler:
         for event in log or ():
             g, k = owner[event.index]
             steps[g].append((k, event))
-        return groups, steps
+        return groups, steps, clocks
+
+    def _count_tokens(self, prompt: str) -> int:
+        count = getattr(self.engine, "count_tokens", None)
+        return count(prompt) if count is not None else len(self.engine.encode(prompt))
 
     def _format(self, request: LLMRequest, groups: list[list[GenerationResult]],
                 steps: list[Steps | None] | None = None, context: _Context | None = None) -> Any:
@@ -600,7 +612,12 @@ class LLMHandler:
             steps = self.engine.generate_stream(prompts, params, adapters)
         else:
             steps = self.engine.generate_stream(prompts, params)
-        output.add_stream_content(self._stream(stream, steps))
+        clock = RequestClock(sum(len(p) if isinstance(p, list) else self._count_tokens(p)
+                                 for p in prompts),
+                             request.adapters[0] if request.adapters else None)
+        output.add_stream_content(self._stream(stream, _timed(steps, [clock] * len(prompts),
+                                                              None)))
+        output.set_stats(clock.stats)
         return output
 
     def _stream(self, stream: fmt.StreamFormat,
@@ -646,11 +663,19 @@ def _flag(inputs: Input, key: str, default: bool | None) -> bool | None:
     return value.lower() == "true"
 
 
-def _tap(stream: Iterator[list[TokenEvent]], log: list[TokenEvent]
-         ) -> Iterator[list[TokenEvent]]:
-    for events in stream:
-        log.extend(events)
-        yield events
+def _timed(stream: Iterator[list[TokenEvent]], clock_of: list[RequestClock],
+           log: list[TokenEvent] | None) -> Iterator[list[TokenEvent]]:
+    """The engine's steps unchanged; each token timed on its request's clock (and logged)."""
+    for step in stream:
+        now = time.perf_counter()
+        for event in step:
+            clock = clock_of[event.index]
+            clock.token(event.index, now)
+            if event.finish_reason is not None:
+                clock.finished(event.finish_reason.value)
+        if log is not None:
+            log.extend(step)
+        yield step
 
 
 def load_adapter_formatters(name: str, src: str) -> AdapterFormatters | None:

@@ -58,6 +58,9 @@ class Output:
         self.stream_formatter: Callable[[Any], Any] | None = None
         self.finalize_function: Callable[..., Any] | None = None
         self.finalize_args: tuple[Any, ...] = ()
+        # Engine statistics per request (engines/contracts/metrics.py), by batch index (None:
+        # a single request): a dict, or for a stream a function called once it has ended.
+        self.stats: dict[int | None, dict | Callable[[], dict | None]] = {}
 
     def set_code(self, code: int) -> Output:
         self.code = code
@@ -149,6 +152,12 @@ class Output:
         if self.stream_content is None:
             return None
         return _format_stream(self.stream_content, self.stream_formatter)
+
+    def set_stats(self, stats: dict | Callable[[], dict | None],
+                  batch_index: int | None = None) -> Output:
+        """LMC: the request's engine statistics, for the server's metrics; not sent."""
+        self.stats[batch_index] = stats
+        return self
 
     def finalize(self, finalize_function: Callable[..., Any], *args: Any) -> Output:
         """Call `finalize_function(*args)` once this answer has been sent (DJL: e.g. to free

@@ -84,6 +84,9 @@ class ItemResult:
     stream: Iterator[bytes] | None = field(default=None, repr=False)
     # Output.finalize's function: the worker calls it once the answer is sent.
     finalize: Callable[[], None] | None = field(default=None, repr=False)
+    # Engine statistics for the server's metrics: a dict, or (a stream) a function the worker
+    # calls when the stream has ended.
+    stats: dict | Callable[[], dict | None] | None = field(default=None, repr=False)
 
 
 class HandlerLoadError(Exception):
@@ -176,6 +179,11 @@ class ModelService:
         assert self.host is not None, "only an engine that drives its ranks has follow()"
         self.host.follow()
 
+    def stats(self) -> dict | None:
+        """Engine-wide statistics for the Stats message (None: this handler keeps none)."""
+        stats = getattr(self.host, "stats", None)
+        return stats() if stats is not None else None
+
     def shutdown(self) -> None:
         if self.host is not None:
             self.host.shutdown()
@@ -261,6 +269,9 @@ class ModelService:
             logger.exception("handler %s returned an Output that cannot be sent", self.source)
             error = f"handler returned an unusable Output: {type(e).__name__}: {e}"
             return [failed_result(424, "Invalid output", error) for _ in range(n)]
+        if out.stats:
+            for i, r in enumerate(results):
+                r.stats = out.stats.get(i if n > 1 else None, out.stats.get(i))
         if out.finalize_function is not None:
             finalize = out.finalize_function
             results[-1].finalize = lambda: self._resolve(finalize(*out.finalize_args))

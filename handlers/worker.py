@@ -26,6 +26,8 @@ from handlers.ranks import RankGroup, exit_without_teardown, rank_and_world
 
 log = logging.getLogger("lmc.worker")
 
+STATS_INTERVAL_S = 1.0  # how often engine statistics go to the front end (when they changed)
+
 
 def _die_with_parent() -> None:
     """If the front end dies (even by SIGKILL), take this worker down too (Linux only)."""
@@ -45,6 +47,7 @@ class WorkerLoop:
         self._lock = threading.Lock()  # guards `aborted` between reader and main thread
         self._send_lock = threading.Lock()
         self.lockstep = False  # set when other ranks replicate every request with this one
+        self._stopped = threading.Event()
 
     def send(self, *msgs: P.Message) -> None:
         data = b"".join(P.encode(m) for m in msgs)
@@ -66,10 +69,30 @@ class WorkerLoop:
             log.error("connection to the front end broke: %s", e)
         self.inbox.put(None)  # EOF: the front end is gone or closed us
 
+    def _report_stats(self, service) -> None:
+        """Send the engine's statistics about once a second, when they changed."""
+        last = None
+        while not self._stopped.wait(STATS_INTERVAL_S):
+            try:
+                values = service.stats()
+            except Exception:  # noqa: BLE001 - statistics must never cost the service
+                log.exception("engine statistics failed; not reporting them any more")
+                return
+            if values is None:
+                return  # this handler keeps none
+            if values != last:
+                try:
+                    self.send(P.Stats(values))
+                except OSError:
+                    return
+                last = values
+
     def run(self, service, *, replicate_to: RankGroup | None = None) -> None:
         """Serve until Shutdown or EOF. With `replicate_to`, every request batch is first
         broadcast to the group's other ranks, which run it too (one at a time, in order)."""
         threading.Thread(target=self._reader, name="lmc-reader", daemon=True).start()
+        threading.Thread(target=self._report_stats, args=(service,), name="lmc-stats",
+                         daemon=True).start()
         self.lockstep = replicate_to is not None
         pool = None
         concurrency = service.capabilities.max_concurrency
@@ -94,6 +117,7 @@ class WorkerLoop:
                     else:
                         pool.submit(self._serve_logged, service, msg.items)
         finally:
+            self._stopped.set()
             if pool is not None:
                 pool.shutdown(wait=msg is not None and getattr(msg, "drain", False))
 
@@ -117,7 +141,8 @@ class WorkerLoop:
         streams = []
         for item, r in zip(items, results):
             if r.stream is None:
-                plain.append(P.Response(item.id, r.code, r.message, r.headers, r.body))
+                plain.append(P.Response(item.id, r.code, r.message, r.headers, r.body,
+                                        stats=_stats_of(r)))
             else:
                 streams.append((item.id, r))
         try:
@@ -159,7 +184,18 @@ class WorkerLoop:
             close = getattr(gen, "close", None)
             if close is not None:
                 close()
-        self.send(P.End(rid, error))
+        self.send(P.End(rid, error, _stats_of(r)))
+
+
+def _stats_of(result) -> dict | None:
+    stats = result.stats
+    if callable(stats):
+        try:
+            stats = stats()
+        except Exception:  # noqa: BLE001 - statistics must never cost the answer
+            log.exception("request statistics failed")
+            return None
+    return stats
 
 
 def main(argv: list[str] | None = None) -> int:

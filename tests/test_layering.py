@@ -19,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # engines/ modules the front end may import: contracts, options and selection, all torch-free.
 FRONT_END_ENGINE_MODULES = {
     "engines", "engines.contracts", "engines.contracts.engine", "engines.contracts.errors",
+    "engines.contracts.metrics",
     "engines.contracts.names", "engines.contracts.protocol", "engines.logs", "engines.options",
     "engines.selection", "engines.types", "engines.native", "engines.native.spec",
     "engines.sources", "engines.sources.errors", "engines.sources.hub",

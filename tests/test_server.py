@@ -506,10 +506,32 @@ def _fds_and_threads(pid: int) -> tuple[int, int]:
     return fds, threads
 
 
+def _assert_engine_idle(s, model: str = "tiny", timeout_s: float = 10.0) -> None:
+    """/metrics says the engine runs nothing, holds nothing waiting, and every KV block is back
+    in the pool (the engine reports about once a second)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = s.request("GET", "/metrics").body.decode()
+        values = {(x.name, x.labels.get("state")): x.value
+                  for f in text_string_to_metric_families(text) for x in f.samples
+                  if x.labels.get("model") == model}
+        now = (values.get(("lmc_num_requests_running", None)),
+               values.get(("lmc_num_requests_waiting", None)),
+               values.get(("lmc_kv_cache_blocks", "used")))
+        if now == (0, 0, 0) or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert now == (0, 0, 0), f"running, waiting, KV blocks used: {now}"
+    assert values[("lmc_kv_cache_blocks", "total")] > 0
+
+
 def test_overload_is_200_or_503_never_a_hang(tmp_path):
     """4x more concurrent requests than the engine runs plus the queue holds, half of them
     streaming: each gets a full 200 or a 503 with Retry-After, none hangs, and afterwards the
-    server answers normally with no leaked connections or threads in the front end."""
+    server answers normally with no leaked connections or threads in the front end and no KV
+    block left allocated in the engine."""
     from tiny_models import make_tiny_llama
 
     d = make_tiny_llama(tmp_path / "tiny")
@@ -546,6 +568,7 @@ def test_overload_is_200_or_503_never_a_hang(tmp_path):
         time.sleep(1.0)  # connections the clients closed are reaped
         fds, threads = _fds_and_threads(s.proc.pid)
         assert fds <= before[0] + 2 and threads <= before[1] + 2, (before, (fds, threads))
+        _assert_engine_idle(s)
 
 
 def test_disconnect_storm_leaves_the_server_serving(tmp_path):
@@ -584,6 +607,7 @@ def test_disconnect_storm_leaves_the_server_serving(tmp_path):
         assert time.monotonic() - t < 20
         described = s.request("GET", "/models/tiny").json()[0]
         assert described["queueLength"] == 0
+        _assert_engine_idle(s)  # every dropped client's KV blocks are back in the pool
 
 
 def test_slow_and_malformed_clients_get_a_bounded_answer(tmp_path):

@@ -15,7 +15,12 @@ them. A `Request` frame may carry several items: that is one dynamic batch, hand
 handler as one batch Input.
 
 Messages (front end -> worker): Init, Request, Abort, Shutdown.
-Messages (worker -> front end): Ready, InitFailed, Response, Chunk, End.
+Messages (worker -> front end): Ready, InitFailed, Response, Chunk, End, Stats.
+
+A request's engine statistics (token counts, time to first token, inter-token latency
+histogram, finish reasons: engines/contracts/metrics.py) ride on its last frame: the Response of
+a plain answer, the End of a stream. Engine-wide gauges and counters (running and waiting
+requests, KV-cache use, prefix-cache hits, ...) come as a Stats message about once a second.
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ class Response:
     headers: dict[str, str]
     body: bytes
     stream: bool = False
+    stats: dict | None = None  # engine statistics of a plain answer (None: none measured)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +120,15 @@ class End:
 
     id: int
     error: str | None = None
+    stats: dict | None = None  # engine statistics of the stream
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Engine-wide statistics of one worker group, cumulative since it started
+    (engines/contracts/metrics.py names the keys)."""
+
+    values: dict
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,7 +145,7 @@ class Shutdown:
     drain: bool = True
 
 
-Message = Init | Ready | InitFailed | Request | Response | Chunk | End | Abort | Shutdown
+Message = Init | Ready | InitFailed | Request | Response | Chunk | End | Stats | Abort | Shutdown
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,19 +164,37 @@ def _frame(header: dict, blobs: list[bytes]) -> bytes:
     return b"".join([_U32.pack(size), _U16.pack(len(head)), head, *blobs])
 
 
+def _json_blob(value: dict) -> bytes:
+    return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+
+
+def _from_json_blob(blob: bytes) -> dict:
+    try:
+        value = json.loads(blob)
+    except ValueError as e:
+        raise ProtocolError(f"bad statistics blob: {e}") from None
+    if not isinstance(value, dict):
+        raise ProtocolError("statistics blob is not an object")
+    return value
+
+
 def encode(msg: Message) -> bytes:
     """One message -> one frame (length prefix included)."""
     t = type(msg)
     if t is Response:
-        return _frame(
-            {"t": "response", "i": msg.id, "c": msg.code, "m": msg.message, "h": msg.headers,
-             "s": msg.stream},
-            [msg.body],
-        )
+        header = {"t": "response", "i": msg.id, "c": msg.code, "m": msg.message,
+                  "h": msg.headers, "s": msg.stream}
+        if msg.stats is None:
+            return _frame(header, [msg.body])
+        # Statistics travel as a second blob: they may outgrow the 64 KiB header.
+        return _frame(header, [msg.body, _json_blob(msg.stats)])
     if t is Chunk:
         return _frame({"t": "chunk", "i": msg.id}, [msg.data])
     if t is End:
-        return _frame({"t": "end", "i": msg.id, "e": msg.error}, [])
+        return _frame({"t": "end", "i": msg.id, "e": msg.error},
+                      [] if msg.stats is None else [_json_blob(msg.stats)])
+    if t is Stats:
+        return _frame({"t": "stats"}, [_json_blob(msg.values)])
     if t is Request:
         items, blobs = [], []
         for it in msg.items:
@@ -202,11 +235,14 @@ def decode_payload(payload: bytes | memoryview) -> Message:
         raise ProtocolError(f"frame length mismatch: header says {pos} bytes, frame has {len(view)}")
     try:
         if kind == "response":
-            return Response(h["i"], h["c"], h["m"], h["h"], blobs[0], h["s"])
+            stats = _from_json_blob(blobs[1]) if len(blobs) > 1 else None
+            return Response(h["i"], h["c"], h["m"], h["h"], blobs[0], h["s"], stats)
         if kind == "chunk":
             return Chunk(h["i"], blobs[0])
         if kind == "end":
-            return End(h["i"], h["e"])
+            return End(h["i"], h["e"], _from_json_blob(blobs[0]) if blobs else None)
+        if kind == "stats":
+            return Stats(_from_json_blob(blobs[0]))
         if kind == "request":
             items, b = [], 0
             for it in h["items"]:

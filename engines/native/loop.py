@@ -32,6 +32,7 @@ from concurrent.futures import Future
 from typing import Any, Callable
 
 from engines.contracts.engine import Capabilities, TPMode
+from engines.contracts.metrics import BATCH_BUCKETS, Histogram
 from engines.lora.api import LoraApi
 from engines.lora.store import AdapterRecord
 from engines.prompt import prompt_ids
@@ -107,6 +108,7 @@ class EngineLoop(LoraApi):
             lora=engine.lora_store is not None)
         self._commands: queue.SimpleQueue[Command] = queue.SimpleQueue()
         self._running: dict[int, AddRequest] = {}  # loop thread only: requests in the engine
+        self._batch_sizes = Histogram(BATCH_BUCKETS)  # requests per step; loop thread adds
         self._keys = itertools.count()
         if thread is not None:
             self._thread = thread
@@ -279,7 +281,9 @@ class EngineLoop(LoraApi):
             log.exception("engine step failed; failing its %d requests", len(self._running))
             self._fail_all(e)
             return
+        finished = 0
         for key, ev in events:
+            finished += ev.finish_reason is not None
             request = self._running.get(key)
             if request is None:
                 continue  # aborted meanwhile
@@ -288,6 +292,20 @@ class EngineLoop(LoraApi):
                                                       ev.prefill)))
             if ev.finish_reason is not None:
                 del self._running[key]
+        # What ran in this step: the sequences still running and those that just finished.
+        self._batch_sizes.observe(len(self.engine.scheduler.running) + finished)
+
+    def stats(self) -> dict:
+        """Engine-wide statistics (engines/contracts/metrics.py): read from any thread; the
+        counts are a moment's snapshot, never torn."""
+        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
+        return {"running": len(scheduler.running), "waiting": len(scheduler.waiting),
+                "kv_blocks_total": blocks.num_blocks,
+                "kv_blocks_used": blocks.num_blocks - blocks.num_free_blocks,
+                "prefix_queries": blocks.prefix_query_tokens,
+                "prefix_hits": blocks.prefix_hit_tokens,
+                "preemptions": scheduler.num_preemptions,
+                "batch_size": self._batch_sizes.to_wire()}
 
 
 def start_native_engine(model_dir: str, **options) -> EngineLoop:
