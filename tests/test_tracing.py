@@ -1,0 +1,431 @@
+"""Tracing (OpenTelemetry over OTLP/HTTP, container/tracing.py) and logs (engines/logs.py, the
+access log of container/observe.py): a real server exporting to a real OTLP/HTTP receiver on a
+loopback port, its JSON log lines, and a text-format server whose worker logs while serving."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+import logging
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from aiohttp import web
+
+from server_utils import FIXTURES, ROOT, LmcServer, free_port
+from tiny_models import make_tiny_llama
+
+from engines import logs
+from engines.options import ConfigError
+
+CLIENT_TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+CLIENT_SPAN_ID = "00f067aa0ba902b7"
+TRACEPARENT = f"00-{CLIENT_TRACE_ID}-{CLIENT_SPAN_ID}-01"
+TEXT_LINE = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR) ")
+
+
+class OtlpReceiver:
+    """An OTLP/HTTP trace receiver: POST /v1/traces with an ExportTraceServiceRequest
+    (protobuf), on its own event loop thread. `spans` holds (resource attributes, Span)."""
+
+    def __init__(self) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.spans: list = []
+        self.posts = 0
+        self._lock = threading.Lock()
+
+    def __enter__(self) -> OtlpReceiver:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        asyncio.run_coroutine_threadsafe(self._start(), self.loop).result(10)
+        return self
+
+    async def _start(self) -> None:
+        app = web.Application()
+        app.router.add_post("/v1/traces", self._traces)
+        self.runner = web.AppRunner(app)
+        await self.runner.setup()
+        await web.TCPSite(self.runner, "127.0.0.1", self.port).start()
+
+    async def _traces(self, request: web.Request) -> web.Response:
+        from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import (
+            ExportTraceServiceRequest, ExportTraceServiceResponse)
+
+        assert request.content_type == "application/x-protobuf"
+        body = await request.read()
+        if request.headers.get("Content-Encoding") == "gzip":
+            body = gzip.decompress(body)
+        msg = ExportTraceServiceRequest()
+        msg.ParseFromString(body)
+        with self._lock:
+            self.posts += 1
+            for rs in msg.resource_spans:
+                resource = {a.key: _value(a.value) for a in rs.resource.attributes}
+                for ss in rs.scope_spans:
+                    for span in ss.spans:
+                        self.spans.append((resource, span))
+        return web.Response(body=ExportTraceServiceResponse().SerializeToString(),
+                            content_type="application/x-protobuf")
+
+    def trace(self, trace_id: str, names: set[str], timeout_s: float = 15.0) -> dict:
+        """The spans of `trace_id` by name, once all of `names` arrived."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            with self._lock:
+                got = {s.name: (res, s) for res, s in self.spans if s.trace_id.hex() == trace_id}
+            if names <= set(got) or time.monotonic() > deadline:
+                assert names <= set(got), f"spans {names - set(got)} never arrived: {sorted(got)}"
+                return got
+            time.sleep(0.05)
+
+    def __exit__(self, *exc) -> None:
+        asyncio.run_coroutine_threadsafe(self.runner.cleanup(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+        self.loop.close()
+
+
+def _value(v):
+    kind = v.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(x) for x in v.array_value.values]
+    return getattr(v, kind)
+
+
+def attrs(span) -> dict:
+    return {a.key: _value(a.value) for a in span.attributes}
+
+
+def json_lines(output: str) -> list[dict]:
+    out = []
+    for line in output.splitlines():
+        if line.startswith("{"):
+            out.append(json.loads(line))
+    return out
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory):
+    """A server exporting traces to an OTLP receiver, logging JSON, serving a tiny random llama
+    ("tiny-llama", the default LLM handler) and the logging model.py ("logger")."""
+    store = tmp_path_factory.mktemp("store")
+    make_tiny_llama(store / "tiny-llama")
+    shutil.copytree(FIXTURES / "server" / "logger", store / "logger")
+    with OtlpReceiver() as receiver:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "50",
+               "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
+               "LMC_LOG_FORMAT": "json", "LMC_LOG_LEVEL": "INFO"}
+        with LmcServer(["--model-store", str(store)], env=env, timeout_s=180) as srv:
+            yield srv, receiver
+
+
+def test_a_generation_request_is_one_trace_under_the_clients_span(traced):
+    srv, receiver = traced
+    r = srv.post("/generate", {"inputs": "The capital of France is",
+                               "parameters": {"max_new_tokens": 6, "details": True}},
+                 headers={"traceparent": TRACEPARENT, "tracestate": "vendor=x",
+                          "X-Model-Name": "tiny-llama", "X-Request-Id": "req-gen-1"})
+    assert r.status == 200, r.body
+    details = r.json()["details"]
+    assert r.headers["x-request-id"] == "req-gen-1"
+
+    spans = receiver.trace(CLIENT_TRACE_ID, {"POST /generate", "parse", "queue", "worker",
+                                             "generation"})
+    resource, server = spans["POST /generate"]
+    assert resource["service.name"] == "lmc"  # OTEL_SERVICE_NAME unset
+    assert resource["deployment.environment"] == "test"
+    # The server span continues the client's trace, under the client's span.
+    assert server.parent_span_id.hex() == CLIENT_SPAN_ID
+    assert server.kind == server.SPAN_KIND_SERVER
+    assert server.trace_state == "vendor=x"
+    a = attrs(server)
+    assert a["http.request.method"] == "POST" and a["http.route"] == "/generate"
+    assert a["http.response.status_code"] == 200 and a["url.path"] == "/generate"
+    assert a["lmc.model"] == "tiny-llama" and a["lmc.request_id"] == "req-gen-1"
+    assert server.status.code != server.status.STATUS_CODE_ERROR
+
+    parse, queue, worker, gen = (spans[n][1] for n in ("parse", "queue", "worker", "generation"))
+    for child in (parse, queue, worker):
+        assert child.parent_span_id == server.span_id
+    assert gen.parent_span_id == worker.span_id
+    g = attrs(gen)
+    assert g["gen_ai.request.model"] == "tiny-llama"
+    assert g["gen_ai.usage.output_tokens"] == details["generated_tokens"]
+    assert g["gen_ai.usage.input_tokens"] == details["prompt_tokens"]
+    assert details["finish_reason"] in g["gen_ai.response.finish_reasons"]
+    assert 0 < g["lmc.ttft_s"] < (gen.end_time_unix_nano - gen.start_time_unix_nano) / 1e9
+    assert [e.name for e in gen.events] == ["first_token"]
+    assert attrs(worker)["lmc.worker"] >= 0 and "lmc.adapter" not in g
+
+    # In time order: arrival, parse, queue, worker (enclosing the generation), response.
+    order = [server.start_time_unix_nano, parse.start_time_unix_nano, parse.end_time_unix_nano,
+             queue.start_time_unix_nano, queue.end_time_unix_nano, worker.start_time_unix_nano,
+             gen.start_time_unix_nano, gen.end_time_unix_nano, worker.end_time_unix_nano,
+             server.end_time_unix_nano]
+    assert order == sorted(order), order
+    assert parse.start_time_unix_nano == server.start_time_unix_nano
+    assert parse.end_time_unix_nano == queue.start_time_unix_nano
+    assert queue.end_time_unix_nano == worker.start_time_unix_nano
+
+    # The access line of the request, as JSON, with the trace id and the token counts.
+    access = _wait_for_line(srv, lambda j: j.get("logger") == "lmc.access"
+                            and j.get("request_id") == "req-gen-1")
+    assert access["trace_id"] == CLIENT_TRACE_ID
+    assert (access["method"], access["route"], access["status"], access["model"]) == \
+        ("POST", "/generate", 200, "tiny-llama")
+    assert access["prompt_tokens"] == details["prompt_tokens"]
+    assert access["generated_tokens"] == details["generated_tokens"]
+    assert access["latency_ms"] > 0 and access["level"] == "INFO"
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", access["timestamp"])
+
+
+def test_a_stream_and_a_new_trace_without_traceparent(traced):
+    srv, receiver = traced
+    r = srv.post("/generate_stream", {"inputs": "Hello world", "parameters": {"max_new_tokens": 4}},
+                 headers={"X-Model-Name": "tiny-llama"})
+    assert r.status == 200
+    events = [json.loads(line[5:]) for line in r.body.decode().splitlines()
+              if line.startswith("data:")]
+    rid = r.headers["x-request-id"]
+    access = _wait_for_line(srv, lambda j: j.get("logger") == "lmc.access"
+                            and j.get("request_id") == rid)
+    trace_id = access["trace_id"]
+    assert re.fullmatch(r"[0-9a-f]{32}", trace_id) and trace_id != CLIENT_TRACE_ID
+    spans = receiver.trace(trace_id, {"POST /generate_stream", "worker", "generation"})
+    server, gen = spans["POST /generate_stream"][1], spans["generation"][1]
+    assert not server.parent_span_id  # a root span: the client sent no traceparent
+    assert attrs(gen)["gen_ai.usage.output_tokens"] == events[-1]["details"]["generated_tokens"]
+    worker = spans["worker"][1]
+    assert gen.end_time_unix_nano <= worker.end_time_unix_nano <= server.end_time_unix_nano
+
+
+def test_worker_log_lines_carry_the_request_and_trace_ids(traced):
+    srv, receiver = traced
+    r = srv.post("/predictions/logger", {"log": "json-hello"},
+                 headers={"traceparent": TRACEPARENT.replace("00f0", "11f0")})
+    assert r.status == 200
+    rid = r.headers["x-request-id"]
+    assert r.json() == {"request_id": rid}  # the property the worker got
+    line = _wait_for_line(srv, lambda j: j.get("logger") == "fixture.logger"
+                          and "json-hello" in j["message"])
+    assert line["request_id"] == rid and line["trace_id"] == CLIENT_TRACE_ID
+    assert line["level"] == "INFO" and line["worker"].startswith("logger")
+    spans = receiver.trace(CLIENT_TRACE_ID, {"POST /predictions/{model}"})
+    assert attrs(spans["POST /predictions/{model}"][1])["lmc.model"] == "logger"
+
+
+def test_json_logs_everywhere_and_health_checks_untraced(traced):
+    srv, receiver = traced
+    assert srv.request("GET", "/ping").status == 200
+    rid = srv.request("GET", "/ping").headers["x-request-id"]
+    _wait_for_line(srv, lambda j: j.get("logger") == "lmc.access" and j.get("request_id") == rid)
+    lines = srv.output().splitlines()
+    assert not [ln for ln in lines if TEXT_LINE.match(ln)], "a text log line in JSON mode"
+    js = json_lines(srv.output())
+    assert {j["logger"] for j in js} >= {"lmc.server", "lmc.wlm", "lmc.access"}
+    assert any(j.get("worker") for j in js)  # the workers log JSON too
+    time.sleep(0.3)  # a span would have been exported by now (50 ms batches)
+    with receiver._lock:
+        assert not [s for _, s in receiver.spans if s.name == "GET /ping"]
+
+
+def _wait_for_line(srv: LmcServer, pred, timeout_s: float = 10.0) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        for j in json_lines(srv.output()):
+            if pred(j):
+                return j
+        if time.monotonic() > deadline:
+            raise AssertionError(f"no such log line in:\n{srv.output()[-4000:]}")
+        time.sleep(0.05)
+
+
+# -- text logs, tracing off ----------------------------------------------------------------------
+
+
+def test_text_access_line_and_worker_line_with_the_request_id(tmp_path):
+    shutil.copytree(FIXTURES / "server" / "logger", tmp_path / "logger")
+    env = {"LMC_LOG_LEVEL": "INFO"}
+    with LmcServer(["--model-dir", str(tmp_path / "logger")], env=env) as srv:
+        r = srv.post("/invocations", {"log": "text-hello"},
+                     headers={"X-Amzn-SageMaker-Inference-Id": "inf-42"})
+        assert r.status == 200 and r.headers["x-request-id"] == "inf-42"
+        deadline = time.monotonic() + 10
+        while "lmc.access: POST /invocations" not in srv.output() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        out = srv.output()
+    worker = [ln for ln in out.splitlines() if "handling: text-hello" in ln]
+    assert len(worker) == 1, out
+    assert re.fullmatch(r"\S+ \S+ INFO \[logger[^\]]*\] fixture\.logger: handling: text-hello "
+                        r"request_id=inf-42", worker[0]), worker[0]
+    access = [ln for ln in out.splitlines() if "lmc.access:" in ln and "/invocations" in ln]
+    assert len(access) == 1, out
+    assert re.fullmatch(r"\S+ \S+ INFO lmc\.access: POST /invocations 200 model=logger "
+                        r"latency_ms=\d+\.\d prompt_tokens=- generated_tokens=- "
+                        r"request_id=inf-42", access[0]), access[0]
+    assert "trace_id=" not in out and "tracing on" not in out
+
+
+def test_tracing_off_imports_no_opentelemetry():
+    code = ("import sys, container.cli, container.server, container.tracing as t\n"
+            "assert t.configure({}) is False and not t.enabled()\n"
+            "assert t.configure({'OTEL_EXPORTER_OTLP_ENDPOINT': 'http://x', "
+            "'OTEL_SDK_DISABLED': 'true'}) is False\n"
+            "assert t.start_request(object()) is None\n"
+            "print(sorted(m for m in sys.modules if m.startswith('opentelemetry')))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# -- in-process units ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("env, exporters", [
+    ({}, []),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318"}, ["otlp"]),
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/v1/traces"}, ["otlp"]),
+    ({"OTEL_TRACES_EXPORTER": "otlp"}, ["otlp"]),
+    ({"OTEL_TRACES_EXPORTER": "console, otlp"}, ["console", "otlp"]),
+    ({"OTEL_TRACES_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c"}, []),
+    ({"OTEL_SDK_DISABLED": "TRUE", "OTEL_TRACES_EXPORTER": "otlp"}, []),
+])
+def test_when_tracing_is_on(env, exporters):
+    from container.tracing import wanted_exporters
+
+    assert wanted_exporters(env) == exporters
+
+
+@pytest.mark.parametrize("env, needle", [
+    ({"OTEL_TRACES_EXPORTER": "zipkin"}, "'zipkin' is not one of otlp, console, none"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
+     "http/protobuf only"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_PYTHON_EXCLUDED_URLS": "(unclosed"},
+     "is not a list of regular expressions"),
+])
+def test_settings_tracing_cannot_honour_are_config_errors(env, needle):
+    from container import tracing
+
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        tracing.configure(env)
+    assert not tracing.enabled()
+
+
+def _record(msg="hello %s", args=("x",), exc_info=None, **extra) -> logging.LogRecord:
+    r = logging.LogRecord("some.logger", logging.WARNING, __file__, 1, msg, args, exc_info)
+    r.__dict__.update(extra)
+    return r
+
+
+def test_json_and_text_formatters_carry_the_bound_ids():
+    handler_filter = logs.RequestContextFilter()
+    token = logs.bind("rid-1", "ab" * 16)
+    try:
+        rec = _record()
+        handler_filter.filter(rec)
+    finally:
+        logs.unbind(token)
+    assert logs.current_request_id() is None
+    j = json.loads(logs.JsonFormatter({"worker": "m worker 1"}).format(rec))
+    assert j["level"] == "WARNING" and j["logger"] == "some.logger" and j["message"] == "hello x"
+    assert (j["request_id"], j["trace_id"], j["worker"]) == ("rid-1", "ab" * 16, "m worker 1")
+    text = logs.TextFormatter("%(levelname)s %(name)s: %(message)s").format(rec)
+    assert text == f"WARNING some.logger: hello x request_id=rid-1 trace_id={'ab' * 16}"
+    # Outside a request: no ids; an exception goes in as text, after the message.
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        rec = _record(exc_info=sys.exc_info(), lmc_fields={"status": 500})
+    handler_filter.filter(rec)
+    j = json.loads(logs.JsonFormatter().format(rec))
+    assert "request_id" not in j and "trace_id" not in j and j["status"] == 500
+    assert "ValueError: boom" in j["exception"]
+    text = logs.TextFormatter("%(message)s").format(rec)
+    assert text.startswith("hello x\nTraceback") and "request_id" not in text
+
+
+def test_batch_ids_are_joined():
+    assert logs.ids_of([{"x-request-id": "a"}, {"x-request-id": "b", "x-lmc-trace-id": "t"}]) == \
+        ("a,b", "t")
+    assert logs.ids_of([{}]) == (None, None)
+
+
+class _FakeRequest(dict):
+    """What tracing reads of an aiohttp request."""
+
+    def __init__(self, headers: dict, path: str = "/invocations") -> None:
+        super().__init__()
+        from aiohttp import HttpVersion11
+        from multidict import CIMultiDict
+
+        self.headers, self.path, self.method = CIMultiDict(headers), path, "POST"
+        self.scheme = "http"
+        self.version, self.remote, self.match_info = HttpVersion11, "127.0.0.1", None
+
+
+class _FakeJob:
+    def __init__(self, t0: float, dispatched: bool) -> None:
+        self.id, self.worker = 7, 1
+        self.enqueued_at = t0 + 0.001
+        self.dispatched_at = t0 + 0.002 if dispatched else None
+        self.first_frame_at = t0 + 0.003 if dispatched else None
+        self.done_at = t0 + 0.004
+        self.stats = None
+
+
+def test_errors_undispatched_jobs_and_unsampled_requests_in_process():
+    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    from opentelemetry.trace import StatusCode
+
+    from container import tracing
+
+    exporter = InMemorySpanExporter()
+    assert tracing.configure({"OTEL_TRACES_EXPORTER": "none"}, exporter=exporter) is False
+    assert tracing.configure({"OTEL_TRACES_EXPORTER": "otlp"}, exporter=exporter) is True
+    try:
+        # A 503 whose job never reached a worker: error status, a queue span, no worker span.
+        req = _FakeRequest({"traceparent": TRACEPARENT})
+        trace = tracing.start_request(req)
+        assert req[tracing.TRACE_KEY] is trace and trace.trace_id == CLIENT_TRACE_ID
+        tracing.end_request(trace, req, 503, _FakeJob(trace.t0_mono, dispatched=False))
+        # Not sampled by the client: nothing is recorded, no trace id to log.
+        req = _FakeRequest({"traceparent": TRACEPARENT[:-2] + "00"})
+        trace = tracing.start_request(req)
+        assert trace.trace_id is None
+        tracing.end_request(trace, req, 200, _FakeJob(trace.t0_mono, dispatched=True))
+        # /ping is not traced by default.
+        assert tracing.start_request(_FakeRequest({}, "/ping")) is None
+        tracing._provider.force_flush()
+    finally:
+        tracing.shutdown()
+    assert not tracing.enabled()
+    spans = {s.name: s for s in exporter.get_finished_spans()}
+    assert set(spans) == {"POST", "parse", "queue"}, sorted(spans)  # unmatched route: the method
+    server = spans["POST"]
+    assert server.status.status_code is StatusCode.ERROR
+    assert server.attributes["http.response.status_code"] == 503
+    assert server.attributes["error.type"] == "503"
+    assert spans["queue"].attributes["lmc.dispatched"] is False
+    assert spans["queue"].end_time - spans["queue"].start_time == pytest.approx(3e6, abs=2e4)
+
+
+def test_the_request_id_is_decided_once():
+    from container import observe
+
+    both = _FakeRequest({"X-Request-Id": "b", "X-Amzn-SageMaker-Inference-Id": "a"})
+    assert observe.request_id(both) == "a" and observe.request_id(both) == "a"
+    assert observe.worker_properties(both) == {"x-request-id": "a"}
+    fresh = _FakeRequest({})
+    assert re.fullmatch(r"[0-9a-f]{32}", observe.request_id(fresh))
+    assert observe.request_id(fresh) == observe.request_id(fresh)
+    # Not echoed into every log line: a huge or unprintable id is replaced.
+    for bad in ("x" * 300, "a\x1bb"):
+        assert re.fullmatch(r"[0-9a-f]{32}", observe.request_id(_FakeRequest({"X-Request-Id": bad})))
