@@ -103,15 +103,20 @@ class AdapterRegistry:
     def _local(self, src: str) -> str:
         """`src` as a local directory: fetched (s3://, hub cache) or checked (a local path must
         be under the model roots or the model's directory)."""
-        if src.startswith("s3://") or (sources.is_remote(src) and not Path(src).exists()):
+        try:
+            remote = src.startswith("s3://") or (sources.is_remote(src) and not Path(src).exists())
+            resolved = None if remote else Path(
+                src[len("file://"):] if src.startswith("file://") else src).expanduser().resolve()
+        except (OSError, ValueError, RuntimeError) as e:
+            # A NUL byte (ValueError), an unknown ~user (RuntimeError): no directory has it.
+            raise E.InvalidAdapter("src", f"src={src!r} is not a usable path ({e})") from None
+        if resolved is None:
             if self.cache_dir is None:
                 raise E.BadRequest("no cache directory to fetch adapters into (LMC_CACHE)")
             try:
                 return str(sources.fetch(src, cache_dir=self.cache_dir, source="src"))
             except sources.SourceError as e:
                 raise E.InvalidAdapter("src", str(e)) from None
-        path = Path(src[len("file://"):] if src.startswith("file://") else src).expanduser()
-        resolved = path.resolve()
         roots = [*self.allowed_roots, Path(self.model.config.model_dir).resolve()]
         if not any(resolved == r or r in resolved.parents for r in roots):
             raise E.Forbidden(f"src={src!r} is outside the directories adapters may be loaded "

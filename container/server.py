@@ -18,7 +18,8 @@ from pathlib import Path
 from aiohttp import web
 
 from engines.contracts import errors as E
-from container import header_timeout, invoke, llm_routes, metrics, observe, sagemaker_runtime
+from container import (header_timeout, invoke, llm_routes, metrics, observe, openapi,
+                       sagemaker_runtime)
 from container.access import (allowed_networks, check_model_dir, management,
                               model_roots)
 from container.config import ModelSpec, load_model_config
@@ -400,6 +401,7 @@ def build_app(server_config: ServerOptions, manager: ModelManager | None = None)
     r = app.router
     r.add_get("/ping", ping)
     r.add_get("/metrics", metrics.serve)
+    r.add_get("/openapi.json", openapi.serve)  # the API as OpenAPI 3.1 (container/openapi.py)
     r.add_post("/invocations", invocations)
     r.add_post("/predictions/{model}", predictions)
     r.add_post("/predictions/{model}/{version}", predictions)
