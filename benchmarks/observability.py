@@ -26,7 +26,7 @@ The report gives, per configuration, the median over the rounds with its min-max
 ratio against (a) is median/median; in brackets is the range of the per-round ratios
 (config / (a) of the same round).
 
-    .venv/bin/python benchmarks/observability.py                      # ~8 min on 2 cores
+    .venv/bin/python benchmarks/observability.py     # ~9 min on a quiet 2-core machine
     .venv/bin/python benchmarks/observability.py --rounds 5 --duration 8 --json obs.json
     .venv/bin/python benchmarks/observability.py --workloads echo --configs a b
 """
