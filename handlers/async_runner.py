@@ -6,6 +6,8 @@ their own request's result; they never run handler code themselves."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextvars
 import inspect
 import threading
 from collections.abc import AsyncIterator, Iterator
@@ -27,7 +29,29 @@ class AsyncRunner:
         thread waits). An exception it raises is raised here."""
         if not inspect.isawaitable(value):
             return value
-        return asyncio.run_coroutine_threadsafe(_awaited(value), self.loop).result()
+        return self._call(_awaited(value))
+
+    def _call(self, coro) -> Any:
+        """Run `coro` on the loop in the calling thread's context (so the request ids it logs
+        with, engines/logs.py, follow it) and wait for its result."""
+        context = contextvars.copy_context()
+        done: concurrent.futures.Future = concurrent.futures.Future()
+
+        def start() -> None:
+            task = self.loop.create_task(coro, context=context)
+
+            def finished(t: asyncio.Task) -> None:
+                if t.cancelled():
+                    done.cancel()
+                elif t.exception() is not None:
+                    done.set_exception(t.exception())
+                else:
+                    done.set_result(t.result())
+
+            task.add_done_callback(finished)
+
+        self.loop.call_soon_threadsafe(start)
+        return done.result()
 
     def iterate(self, agen: AsyncIterator[Any]) -> Iterator[Any]:
         """A blocking iterator over an async iterator whose steps run on the loop. Closing it
@@ -36,8 +60,7 @@ class AsyncRunner:
         try:
             while True:
                 try:
-                    item = asyncio.run_coroutine_threadsafe(
-                        _next(agen), self.loop).result()
+                    item = self._call(_next(agen))
                 except StopAsyncIteration:
                     finished = True
                     return

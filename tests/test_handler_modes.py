@@ -370,3 +370,38 @@ def test_accumulator_keeps_state_across_calls(tmp_path):
         with ThreadPoolExecutor(6) as pool:
             list(pool.map(lambda _: post(f"{srv.url}/invocations", step), range(6)))
         np.testing.assert_array_equal(post(f"{srv.url}/invocations", step)[1], step * 10)
+
+
+def test_async_handler_runs_in_the_request_context(tmp_path):
+    """An async handler's coroutine (and its stream) runs in the request thread's context, so
+    the request id the worker binds there is on the handler's log lines too."""
+    from engines import logs
+
+    (tmp_path / "model.py").write_text(
+        "from djl_python import Output\n"
+        "from engines.logs import current_request_id\n"
+        "async def ids():\n"
+        "    yield Output().add(Output.binary_encode({'data': current_request_id(), "
+        "'last': False}))\n"
+        "    yield Output().add(Output.binary_encode({'data': '|' + current_request_id(), "
+        "'last': True}))\n"
+        "async def handle(inputs):\n"
+        "    if inputs.is_empty():\n"
+        "        return None\n"
+        "    if inputs.get_as_json().get('stream'):\n"
+        "        return ids()\n"
+        "    return Output().add(current_request_id())\n")
+    svc = ModelService.load(str(tmp_path), {"model_dir": str(tmp_path)})
+    try:
+        def one(i):
+            token = logs.bind(f"req-{i}")
+            try:
+                [r] = svc.invoke([item({"stream": i % 2 == 1}, i)])
+                return r.body + b"".join(r.stream or ())
+            finally:
+                logs.unbind(token)
+
+        results = in_threads(one, 4)
+        assert results == {0: b"req-0", 1: b"req-1|req-1", 2: b"req-2", 3: b"req-3|req-3"}
+    finally:
+        svc.shutdown()
