@@ -19,7 +19,8 @@ from typing import Any
 
 from aiohttp import web
 
-from engines.types import MAX_TOP_N_TOKENS, FinishReason
+from engines.types import (MAX_REPETITION_PENALTY, MAX_SAMPLES, MAX_TOP_N_TOKENS,
+                           MIN_REPETITION_PENALTY, FinishReason)
 
 JSON = "application/json"
 JSONLINES = "application/jsonlines"
@@ -93,7 +94,8 @@ _LMI_PARAMETERS: dict[str, Schema] = {
     "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1.0},
     "min_p": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.0},
     "typical_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1.0},
-    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0, "default": 1.0},
+    "repetition_penalty": {"type": "number", "minimum": MIN_REPETITION_PENALTY,
+                           "maximum": MAX_REPETITION_PENALTY, "default": 1.0},
     "presence_penalty": {"type": "number", "minimum": -2, "maximum": 2, "default": 0.0},
     "frequency_penalty": {"type": "number", "minimum": -2, "maximum": 2, "default": 0.0},
     "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
@@ -107,9 +109,10 @@ _LMI_PARAMETERS: dict[str, Schema] = {
     # handlers/llm_schema.HANDLER_PARAMETERS
     "return_full_text": {"type": "boolean", "default": False},
     "details": {"type": "boolean", "default": False},
-    "n": {"type": "integer", "minimum": 1, "default": 1,
+    "n": {"type": "integer", "minimum": 1, "maximum": MAX_SAMPLES, "default": 1,
           "description": "n > 1 needs do_sample=true"},
-    "best_of": {"type": "integer", "minimum": 1, "description": ">= n; default n"},
+    "best_of": {"type": "integer", "minimum": 1, "maximum": MAX_SAMPLES,
+                "description": ">= n; default n"},
     "truncate": {"type": "integer", "minimum": 1,
                  "description": "keep only the last `truncate` prompt tokens"},
 }
@@ -172,7 +175,7 @@ _OPENAI_COMMON: dict[str, Schema] = {
     "temperature": {"type": "number", "minimum": 0, "default": 1.0,
                     "description": "0 is greedy, > 0 samples"},
     "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
-    "n": {"type": "integer", "minimum": 1, "default": 1},
+    "n": {"type": "integer", "minimum": 1, "maximum": MAX_SAMPLES, "default": 1},
     "stop": {"anyOf": [_NONEMPTY, _array(_NONEMPTY)]},
     "seed": {"type": "integer", "minimum": 0, "maximum": MAX_SEED},
     "stream": _BOOL,
@@ -183,7 +186,8 @@ _OPENAI_COMMON: dict[str, Schema] = {
     # vLLM's extensions
     "top_k": {"type": "integer", "minimum": 0},
     "min_p": {"type": "number", "minimum": 0, "maximum": 1},
-    "repetition_penalty": {"type": "number", "exclusiveMinimum": 0},
+    "repetition_penalty": {"type": "number", "minimum": MIN_REPETITION_PENALTY,
+                           "maximum": MAX_REPETITION_PENALTY},
     "min_tokens": {"type": "integer", "minimum": 0},
     "ignore_eos": _BOOL,
     "stop_token_ids": _array({"type": "integer", "minimum": 0}),
@@ -200,7 +204,7 @@ def _openai_request(own: dict[str, Schema], required: str) -> Schema:
 _COMPLETION_REQUEST = _openai_request({
     "prompt": {"anyOf": [_NONEMPTY, _array(_NONEMPTY, minItems=1)]},
     "echo": _BOOL,
-    "best_of": {"type": "integer", "minimum": 1},
+    "best_of": {"type": "integer", "minimum": 1, "maximum": MAX_SAMPLES},
     "logprobs": {"type": "integer", "minimum": 0, "maximum": MAX_OPENAI_LOGPROBS},
 }, "prompt")
 

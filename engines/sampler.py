@@ -155,7 +155,9 @@ def _warp(scores: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
     """Temperature, top-k, top-p, min-p, typical-p for sampling rows. scores: [S, V] penalised
     logits. Each filter sets removed tokens to -inf and always leaves at least one token."""
     device = scores.device
-    scores = scores / _column([p.temperature for p in params], device)  # [S, V]
+    # A positive temperature below 1e-5 is greedy in effect (as vLLM treats it); dividing by
+    # it as given could overflow float32 logits to inf.
+    scores = scores / _column([p.temperature for p in params], device).clamp_min(1e-5)
     vocab = scores.shape[-1]
 
     top_k = torch.tensor([p.top_k for p in params], device=device)  # [S]
@@ -165,7 +167,8 @@ def _warp(scores: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
         kth = scores.topk(int(k.max()), dim=-1).values.gather(1, (k - 1)[:, None])  # [S, 1]
         scores = scores.masked_fill(use_k[:, None] & (scores < kth), _NEG_INF)
 
-    top_p = _column([p.top_p for p in params], device)  # [S, 1]
+    # A top_p too small for float32 (5e-324) still keeps the most likely token.
+    top_p = _column([p.top_p for p in params], device).clamp_min(torch.finfo(torch.float32).tiny)
     if (top_p < 1).any():
         # Keep the smallest most-likely set whose mass reaches top_p: drop a token when the
         # tokens before it (in descending order) already reach top_p.

@@ -27,6 +27,10 @@ class FinishReason(str, Enum):
 _MAX_SEED = 2**64 - 1
 # Each step's top tokens travel in every streamed line; TGI caps them at a small number too.
 MAX_TOP_N_TOKENS = 20
+# Most samples (n, best_of) one prompt may ask for, OpenAI's own limit on n: each is a sequence in
+# the engine, and an unbounded count is a way to exhaust the worker's memory.
+MAX_SAMPLES = 128
+MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY = 1e-6, 1e6
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,10 +101,13 @@ class SamplingParams:
             "typical_p", self.typical_p, low=0, high=1, low_open=True, hint=" (1 disables it)"
         )
         _check_number("repetition_penalty", self.repetition_penalty)
-        if not self.repetition_penalty > 0:
+        # Bounded on both sides: logits are float32, and a penalty of 1e-300 (> 0, but 0 in
+        # float32) would turn them into inf / NaN.
+        if not MIN_REPETITION_PENALTY <= self.repetition_penalty <= MAX_REPETITION_PENALTY:
             raise ValidationError(
                 "repetition_penalty",
-                f"repetition_penalty must be > 0 (1 disables it), got {self.repetition_penalty}",
+                f"repetition_penalty must be in [{MIN_REPETITION_PENALTY:g}, "
+                f"{MAX_REPETITION_PENALTY:g}] (1 disables it), got {self.repetition_penalty}",
             )
         for name in ("presence_penalty", "frequency_penalty"):
             _check_range(name, getattr(self, name), low=-2, high=2, hint=" (0 disables it)")

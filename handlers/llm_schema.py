@@ -23,7 +23,7 @@ from enum import Enum
 from typing import Any, Protocol
 
 from engines.contracts.names import API_PROPERTY
-from engines.types import (ACCEPTED_PARAMETERS, MAX_TOP_N_TOKENS, SamplingParams, ValidationError,
+from engines.types import (ACCEPTED_PARAMETERS, MAX_SAMPLES, MAX_TOP_N_TOKENS, SamplingParams, ValidationError,
                            check_int)
 
 
@@ -540,6 +540,9 @@ def _render_chat(messages: Any, engine: Tokenizing) -> str:
 
 def _check_samples(n: int, best_of: int, params: SamplingParams, *, stream: bool,
                    greedy_ok: bool) -> None:
+    for name, value in (("n", n), ("best_of", best_of)):
+        if value > MAX_SAMPLES:
+            raise ValidationError(name, f"{name} must be <= {MAX_SAMPLES}, got {value}")
     if best_of < n:
         raise ValidationError("best_of", f"best_of ({best_of}) must be >= n ({n})")
     if best_of > 1 and params.greedy and not greedy_ok:

@@ -80,8 +80,10 @@ BAD = [
     ("min_p", "0.1", "must be a number"),
     ("typical_p", 0, r"in \(0, 1\]"),
     ("typical_p", 1.01, r"in \(0, 1\]"),
-    ("repetition_penalty", 0, "> 0"),
-    ("repetition_penalty", -1.0, "> 0"),
+    ("repetition_penalty", 0, r"in \[1e-06, 1e\+06\]"),
+    ("repetition_penalty", -1.0, r"in \[1e-06, 1e\+06\]"),
+    ("repetition_penalty", 5e-324, r"in \[1e-06, 1e\+06\]"),  # 0 in float32 (fuzzing)
+    ("repetition_penalty", 1e7, r"in \[1e-06, 1e\+06\]"),
     ("presence_penalty", 2.5, r"in \[-2, 2\]"),
     ("presence_penalty", float("nan"), "finite"),
     ("frequency_penalty", -3, r"in \[-2, 2\]"),
@@ -114,3 +116,19 @@ def test_bad_value_names_the_field_and_the_limit(name, value, message):
         SamplingParams.from_request({name: value})
     assert caught.value.field == name
     assert name in caught.value.message
+
+
+@pytest.mark.parametrize("extreme", [{"top_p": 5e-324}, {"temperature": 1e-300}])
+def test_values_too_small_for_float32_still_sample_the_top_token(extreme):
+    """Found by fuzzing: a positive top_p or temperature that float32 cannot hold used to
+    break sampling; both now mean 'the most likely token', as their limit does."""
+    import math
+
+    import torch
+
+    from engines.sampler import RowState, sample_rows
+
+    params = SamplingParams(do_sample=True, seed=1, **{"temperature": 1.0, **extreme})
+    logits = torch.tensor([[0.5, 3.0, -1.0, 2.9]])
+    out = sample_rows(logits, [RowState(params, [], frozenset(), device=torch.device("cpu"))])
+    assert out.token_ids == [1] and math.isfinite(out.log_probs[0])
