@@ -55,7 +55,7 @@ def value_frame(value: bytes, *, strict: bool) -> dict[str, str | None] | None:
         return None
 
 
-def _is_last(frame: dict[str, str | None]) -> bool:
+def is_last(frame: dict[str, str | None]) -> bool:
     return (frame.get("last") or "").strip().lower() == "true"
 
 
@@ -71,6 +71,15 @@ def _status(frame: dict[str, str | None]) -> int | None:
     if not 100 <= status <= 599:
         raise FrameError(424, f"handler frame has code={status}; it must be 100-599")
     return status
+
+
+def failed(frame: dict[str, str | None]) -> bool:
+    """The frame ends its request with an error (a "code" >= 400, or one that is no status)."""
+    try:
+        status = _status(frame)
+    except FrameError:
+        return True
+    return status is not None and status >= 400
 
 
 def _check(frame: dict[str, str | None]) -> int | None:
@@ -103,7 +112,7 @@ def frames_result(source: FrameStream, clean_headers: Callable[[dict[str, str]],
             headers.update(props)
             status = _check(frame) or status
             data = (frame.get("data") or "").encode("utf-8")
-            if _is_last(frame):
+            if is_last(frame):
                 source.close()
                 return ItemResult(status, "OK", clean_headers(headers), data)
             if data:
@@ -129,7 +138,7 @@ def _chunks(first: bytes, source: FrameStream) -> Iterator[bytes]:
             data = frame.get("data")
             if data:
                 yield data.encode("utf-8")
-            if _is_last(frame):
+            if is_last(frame):
                 return
     except FrameError as e:
         raise RuntimeError(str(e)) from None

@@ -612,12 +612,19 @@ class LLMHandler:
             steps = self.engine.generate_stream(prompts, params, adapters)
         else:
             steps = self.engine.generate_stream(prompts, params)
-        clock = RequestClock(sum(len(p) if isinstance(p, list) else self._count_tokens(p)
-                                 for p in prompts),
-                             request.adapters[0] if request.adapters else None)
+        clock = RequestClock(adapter=request.adapters[0] if request.adapters else None)
         output.add_stream_content(self._stream(stream, _timed(steps, [clock] * len(prompts),
                                                               None)))
-        output.set_stats(clock.stats)
+
+        def stats() -> dict:
+            # Prompt tokens counted once the stream has ended, off the way to the first token
+            # (and after its end time was taken).
+            out = clock.stats()
+            out["prompt_tokens"] = sum(len(p) if isinstance(p, list) else self._count_tokens(p)
+                                       for p in prompts)
+            return out
+
+        output.set_stats(stats)
         return output
 
     def _stream(self, stream: fmt.StreamFormat,

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from engines.contracts.engine import Capabilities, TPMode
-from handlers.frames import FrameError, FrameItem, FrameStream, frames_result, value_frame
+from handlers.frames import (FrameError, FrameItem, FrameStream, failed, frames_result,
+                             is_last, value_frame)
 from handlers.inputs import BATCH_SIZE_KEY, Input, batch_key, split_custom_attributes
 from handlers.outputs import Output
 from handlers.pair_list import PairList
@@ -43,7 +44,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RESET_PROPERTY = "reset_rollingbatch"
-DEFAULT_MAX_ROLLING_BATCH_SIZE = 32  # DJL's default
+# DJL's default for option.max_rolling_batch_size (also how many requests an async handler runs).
+DEFAULT_MAX_ROLLING_BATCH_SIZE = 32
 # batch_0_x, batch_000_x and DJL's batch_0.x all name request 0.
 _BATCH_PROPERTY = re.compile(r"^batch_(\d+)[_.](.*)$", re.DOTALL)
 
@@ -144,7 +146,7 @@ class RollingBatch:
             r.started = True
             if not r.gone:
                 r.frames.put((frame, props))
-            if (frame.get("last") or "").strip().lower() == "true" or _failed(frame):
+            if is_last(frame) or failed(frame):
                 r.frames.put(_END)
                 done.add(r)
         if done:
@@ -192,8 +194,3 @@ class RollingBatch:
             if m and int(m.group(1)) < n:
                 own[int(m.group(1))][m.group(2)] = str(value)
         return [(value_frame(out.content.value_at(i), strict=True), own[i]) for i in range(n)]
-
-
-def _failed(frame: dict[str, str | None]) -> bool:
-    code = frame.get("code")
-    return bool(code) and code.strip().isdigit() and int(code) >= 400

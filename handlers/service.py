@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from engines.contracts.engine import Capabilities, TPMode
 from engines.contracts.errors import ValidationError, error_body, handler_error
+from engines.options import _parse_bool as parse_bool
 from engines.contracts.names import (ADAPTER_FUNCTIONS, CONTROL_FUNCTIONS, FUNCTION_PROPERTY,
                                      ITEM_CODE_PROPERTY, LMI_BUILTIN_ENTRY_POINTS)
 from handlers.async_runner import AsyncRunner, is_async_iterable
@@ -53,6 +54,7 @@ from handlers.frames import FrameError, FrameStream, frames_result, output_frame
 from handlers.inputs import Input, input_from_items, split_batch_key
 from handlers.outputs import Output
 from handlers.ranks import rank_and_world
+from handlers.rolling import DEFAULT_MAX_ROLLING_BATCH_SIZE, RollingBatch
 from handlers.sagemaker import SAGEMAKER_FUNCTIONS, DecoratedHandler, SageMakerHandler
 
 if TYPE_CHECKING:
@@ -209,16 +211,14 @@ class ModelService:
                 f"{source}: handle() failed during warm-up: {type(e).__name__}: {e}. Hint: the "
                 "first call to handle() has no content, only init properties; load the model "
                 "there and return None when inputs.is_empty()") from e
-        if mode == "rolling":
-            from handlers.rolling import DEFAULT_MAX_ROLLING_BATCH_SIZE, RollingBatch
-
+        if mode != "plain":
             size = _int_property(properties, "max_rolling_batch_size",
                                  DEFAULT_MAX_ROLLING_BATCH_SIZE, source)
+        if mode == "rolling":
             service.rolling = RollingBatch(lambda inputs: service.call(handle, inputs), source,
                                            size, clean_headers)
         elif mode == "async":
-            service.concurrency = _int_property(properties, "max_rolling_batch_size",
-                                                ASYNC_CONCURRENCY, source)
+            service.concurrency = size
         return service
 
     def invoke(self, items: Sequence[RequestItem]) -> list[ItemResult]:
@@ -358,20 +358,15 @@ async def _noop() -> None:
     pass
 
 
-# How many requests an async handler serves at once unless option.max_rolling_batch_size says.
-ASYNC_CONCURRENCY = 32
-_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
-
-
 def _flag(properties: dict[str, str], key: str, source: str) -> bool | None:
     value = properties.get(key)
     if value is None or value.strip() == "":
         return None
-    v = value.strip().lower()
-    if v in _TRUE or v in _FALSE:
-        return v in _TRUE
-    raise HandlerLoadError(f"{source}: option.{key}={value!r} is not a boolean; use true or "
-                           "false")
+    try:
+        return parse_bool(value)
+    except ValueError:
+        raise HandlerLoadError(f"{source}: option.{key}={value!r} is not a boolean; use true "
+                               "or false") from None
 
 
 def _int_property(properties: dict[str, str], key: str, default: int, source: str) -> int:

@@ -31,27 +31,6 @@ PARAMS = {"max_new_tokens": N, "min_new_tokens": N}
 # An adapter's model.py: its input formatter takes {"question"} bodies (and rebuilds the body
 # without "adapters", which the handler keeps in force); its output formatter wraps the text in
 # tags naming the adapter.
-ADAPTER_MODEL_PY = '''
-from djl_python.input_parser import input_formatter
-from djl_python.output_formatter import output_formatter
-from djl_python.request_io import TextGenerationOutput
-
-
-@input_formatter
-def question_to_inputs(payload, **kwargs):
-    body = {k: v for k, v in payload.items() if k not in ("question", "adapters")}
-    body["inputs"] = payload["question"] if "question" in payload else payload["inputs"]
-    return body
-
-
-@output_formatter
-def tagged(out: TextGenerationOutput) -> str:
-    seq = out.sequences[out.best_sequence_index]
-    token, _, first, last = seq.get_next_token()
-    name = out.input.adapters
-    return ("<" + name + ">" if first else "") + token.text + ("</" + name + ">" if last else "")
-'''
-
 INPUT_ONLY_MODEL_PY = '''
 from djl_python.input_parser import input_formatter
 
@@ -61,6 +40,19 @@ def question_to_inputs(payload, **kwargs):
     body = {k: v for k, v in payload.items() if k not in ("question", "adapters")}
     body["inputs"] = payload["question"] if "question" in payload else payload["inputs"]
     return body
+'''
+
+ADAPTER_MODEL_PY = INPUT_ONLY_MODEL_PY + '''
+from djl_python.output_formatter import output_formatter
+from djl_python.request_io import TextGenerationOutput
+
+
+@output_formatter
+def tagged(out: TextGenerationOutput) -> str:
+    seq = out.sequences[out.best_sequence_index]
+    token, _, first, last = seq.get_next_token()
+    name = out.input.adapters
+    return ("<" + name + ">" if first else "") + token.text + ("</" + name + ">" if last else "")
 '''
 
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import bisect
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 # Buckets as vLLM's (vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds,
 # vllm:e2e_request_latency_seconds), so dashboards read the same.
@@ -127,29 +127,6 @@ class RequestClock:
                 "finish": dict(self.finish), "adapter": self.adapter,
                 "start_unix": self.start_unix,
                 "first_token_unix": None if ttft is None else self.start_unix + ttft}
-
-
-def merge_request_stats(parts: Iterable[dict]) -> dict | None:
-    """One request's statistics from those of its parts (several prompts in one request)."""
-    parts = [p for p in parts if p]
-    if not parts:
-        return None
-    if len(parts) == 1:
-        return parts[0]
-    itl = Histogram(ITL_BUCKETS)
-    finish: dict[str, int] = {}
-    for p in parts:
-        itl.add(p["itl"])
-        for k, v in p["finish"].items():
-            finish[k] = finish.get(k, 0) + v
-    ttfts = [p["ttft_s"] for p in parts if p["ttft_s"] is not None]
-    firsts = [p["first_token_unix"] for p in parts if p["first_token_unix"] is not None]
-    return {"prompt_tokens": sum(p["prompt_tokens"] for p in parts),
-            "generation_tokens": sum(p["generation_tokens"] for p in parts),
-            "ttft_s": min(ttfts) if ttfts else None, "e2e_s": max(p["e2e_s"] for p in parts),
-            "itl": itl.to_wire(), "finish": finish, "adapter": parts[0]["adapter"],
-            "start_unix": min(p["start_unix"] for p in parts),
-            "first_token_unix": min(firsts) if firsts else None}
 
 
 # Engine-wide Stats keys (module docstring).
