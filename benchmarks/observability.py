@@ -1,6 +1,6 @@
 """Observability benchmark: what Prometheus metrics and OpenTelemetry tracing cost, in one run.
 
-Three server configurations, each its own `lmc serve` process, all up for the whole run:
+Four server configurations, each its own `lmc serve` process, all up for the whole run:
 
     (a) metrics off          LMC_METRICS=false
     (b) metrics on           LMC_METRICS=true (the default)
@@ -8,10 +8,12 @@ Three server configurations, each its own `lmc serve` process, all up for the wh
                              spans exported over OTLP/HTTP to a local receiver (a small aiohttp
                              process started here that accepts POST /v1/traces and counts
                              requests and spans)
+    (d) as (c), sampled      OTEL_TRACES_SAMPLER=parentbased_traceidratio, _ARG=0.1: one
+                             request in ten traced (to a receiver of its own)
 
 Two workloads, each measured in interleaved rounds so that machine noise hits every
-configuration alike. Round r runs the three configurations in an order rotated by r: a b c, then
-b c a, then c a b, and so on.
+configuration alike. Round r runs the configurations in an order rotated by r: a b c d, then
+b c d a, and so on.
 
   echo  benchmarks/frontend.py's echo model.py (no model compute; batch_size=8,
         max_batch_delay=5 ms, 2 workers) under its load generator at concurrency 64 for
@@ -60,10 +62,14 @@ CONFIGS = {
     "a": "(a) metrics off",
     "b": "(b) metrics on",
     "c": "(c) metrics + tracing (OTLP/HTTP)",
+    "d": "(d) metrics + tracing, 10% sampled",
 }
 
 
 # -- the OTLP/HTTP receiver (its own process: `observability.py --otlp-receiver PORT`) ----------
+
+TRACED = ("c", "d")  # the configurations that export traces, each to a receiver of its own
+
 
 def otlp_receiver(port: int) -> None:
     """POST /v1/traces: count the export requests, bytes and spans, answer an empty
@@ -128,11 +134,14 @@ class Receiver:
             self.proc.kill()
 
 
-def config_env(key: str, receiver: Receiver | None) -> dict:
+def config_env(key: str, receivers: dict[str, Receiver]) -> dict:
     env = {"LMC_METRICS": "false" if key == "a" else "true"}
-    if key == "c":
-        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receiver.endpoint
+    if key in receivers:
+        env["OTEL_EXPORTER_OTLP_ENDPOINT"] = receivers[key].endpoint
         env["OTEL_SERVICE_NAME"] = "lmc-bench"
+    if key == "d":
+        env["OTEL_TRACES_SAMPLER"] = "parentbased_traceidratio"
+        env["OTEL_TRACES_SAMPLER_ARG"] = "0.1"
     return env
 
 
@@ -170,7 +179,7 @@ def order(keys: list[str], round_no: int) -> list[str]:
 
 # -- workloads ------------------------------------------------------------------------------------
 
-def run_echo(args, keys: list[str], receiver: Receiver | None, log) -> dict[str, list[dict]]:
+def run_echo(args, keys: list[str], receivers: dict[str, Receiver], log) -> dict[str, list[dict]]:
     load = frontend.run_wrk if shutil.which("wrk") else frontend.run_python_load
     results: dict[str, list[dict]] = {k: [] for k in keys}
     with tempfile.TemporaryDirectory(prefix="lmc-obs-echo-") as tmp:
@@ -180,7 +189,7 @@ def run_echo(args, keys: list[str], receiver: Receiver | None, log) -> dict[str,
         servers = {}
         try:
             for k in keys:
-                srv = frontend.lmc_server(model, ECHO_PROPERTIES, env=config_env(k, receiver))
+                srv = frontend.lmc_server(model, ECHO_PROPERTIES, env=config_env(k, receivers))
                 servers[k] = srv.__enter__()
                 check_config(k, srv.url.rsplit("/", 1)[0])
                 load(srv.url, 8, 1.0)  # warm up connections and workers
@@ -192,8 +201,8 @@ def run_echo(args, keys: list[str], receiver: Receiver | None, log) -> dict[str,
                     log(f"echo  round {r + 1}/{args.rounds} {CONFIGS[k]:36s} "
                         f"{res['rps']:8.0f} req/s  p50 {res['p50_ms']:6.2f} ms  "
                         f"p99 {res['p99_ms']:6.2f} ms  errors {res['errors']}")
-            if "c" in servers:
-                results["traced_requests"] = requests_served(servers["c"].url.rsplit("/", 1)[0])
+            results["traced_requests"] = {k: requests_served(servers[k].url.rsplit("/", 1)[0])
+                                          for k in receivers if k in servers}
         finally:
             for srv in servers.values():
                 srv.__exit__(None, None, None)
@@ -220,7 +229,7 @@ def llm_model_dir(args, tmp: Path) -> tuple[str, str]:
     return str(d), MODEL_NAME
 
 
-def run_llm(args, keys: list[str], receiver: Receiver | None, log) -> dict[str, list[dict]]:
+def run_llm(args, keys: list[str], receivers: dict[str, Receiver], log) -> dict[str, list[dict]]:
     results: dict[str, list[dict]] = {k: [] for k in keys}
     c = args.llm_concurrency
     n = c * args.llm_requests_per_client
@@ -230,7 +239,7 @@ def run_llm(args, keys: list[str], receiver: Receiver | None, log) -> dict[str, 
         procs, urls = {}, {}
         try:
             for k in keys:  # one at a time: each loads the weights
-                procs[k], urls[k] = serving.start_server(model_dir, c, env=config_env(k, receiver))
+                procs[k], urls[k] = serving.start_server(model_dir, c, env=config_env(k, receivers))
                 check_config(k, urls[k])
                 asyncio.run(serving.run_level(urls[k] + "/invocations", c, c, args.input_words,
                                               8, seed=10_000 + len(procs)))  # warm-up
@@ -248,8 +257,8 @@ def run_llm(args, keys: list[str], receiver: Receiver | None, log) -> dict[str, 
                         f"latency p50 {res['latency_ms']['p50']:7.0f} p99 "
                         f"{res['latency_ms']['p99']:7.0f} ms  TTFT p50 "
                         f"{res['ttft_ms']['p50']:6.0f} ms")
-            if "c" in urls:
-                results["traced_requests"] = requests_served(urls["c"])
+            results["traced_requests"] = {k: requests_served(urls[k]) for k in receivers
+                                          if k in urls}
         finally:
             for p in procs.values():
                 p.terminate()
@@ -363,15 +372,16 @@ def main() -> int:
     def log(msg: str) -> None:
         print(f"[{time.monotonic() - t0:6.0f} s] {msg}", flush=True)
 
-    receiver = Receiver() if "c" in keys else None
+    receivers = {k: Receiver() for k in keys if k in TRACED}
     report: dict = {"started": started.isoformat(), "command": " ".join(sys.argv),
                     "cpus": os.cpu_count(), "args": vars(args), "load_generator": gen}
     tables = []
-    traced = 0  # requests config (c) served, by its own lmc_requests_total
+    traced = dict.fromkeys(receivers, 0)  # requests (c)/(d) served, by their lmc_requests_total
     try:
         if "echo" in args.workloads:
-            echo = run_echo(args, keys, receiver, log)
-            traced += echo.pop("traced_requests", 0)
+            echo = run_echo(args, keys, receivers, log)
+            for k, n in echo.pop("traced_requests").items():
+                traced[k] += n
             s = summarize(echo, ECHO_FIELDS)
             report["echo"] = {"runs": echo, "summary": s}
             tables.append(markdown(
@@ -381,8 +391,9 @@ def main() -> int:
                  ("p50 ms", "p50_ms", ".2f", False), ("p99 ms", "p99_ms", ".2f", False)],
                 [("req/s vs (a)", "rps"), ("p50 vs (a)", "p50_ms"), ("p99 vs (a)", "p99_ms")]))
         if "llm" in args.workloads:
-            llm = run_llm(args, keys, receiver, log)
-            traced += llm.pop("traced_requests", 0)
+            llm = run_llm(args, keys, receivers, log)
+            for k, n in llm.pop("traced_requests").items():
+                traced[k] += n
             s = summarize(llm, LLM_FIELDS)
             report["llm"] = {"runs": llm, "summary": s}
             tables.append(markdown(
@@ -395,21 +406,21 @@ def main() -> int:
                  ("TTFT p50 ms", "ttft_p50_ms", ".0f", False)],
                 [("tok/s vs (a)", "out_tok_s"), ("p50 vs (a)", "p50_ms"),
                  ("p99 vs (a)", "p99_ms")]))
-        if receiver is not None:
-            time.sleep(0.5)  # the servers flushed their span queues on shutdown
-            report["otlp_receiver"] = {**receiver.counts(), "traced_requests": traced}
+        time.sleep(0.5)  # the servers flushed their span queues on shutdown
+        report["otlp_receivers"] = {k: {**r.counts(), "requests_served": traced[k]}
+                                    for k, r in receivers.items()}
     finally:
-        if receiver is not None:
-            receiver.close()
+        for r in receivers.values():
+            r.close()
 
     print()
     print(header + "\n")
     print("\n\n".join(tables))
-    if receiver is not None:
-        c = report["otlp_receiver"]
-        per = f", {c['spans'] / traced:.2f} spans per request" if traced else ""
-        print(f"\nOTLP receiver: {c['requests']} export requests, {c['spans']} spans, "
-              f"{c['bytes'] / 1e6:.1f} MB for the {traced} requests config (c) served{per}")
+    for k, c in report.get("otlp_receivers", {}).items():
+        n = c["requests_served"]
+        per = f", {c['spans'] / n:.2f} spans per request" if n else ""
+        print(f"\nOTLP receiver of {CONFIGS[k]}: {c['requests']} export requests, {c['spans']} "
+              f"spans, {c['bytes'] / 1e6:.1f} MB for the {n} requests it served{per}")
     print(f"\ntotal time {time.monotonic() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -39,6 +39,7 @@ class OtlpReceiver:
         self.url = f"http://127.0.0.1:{self.port}"
         self.spans: list = []
         self.posts = 0
+        self.headers: list = []  # of every POST
         self._lock = threading.Lock()
 
     def __enter__(self) -> OtlpReceiver:
@@ -61,12 +62,13 @@ class OtlpReceiver:
 
         assert request.content_type == "application/x-protobuf"
         body = await request.read()
-        if request.headers.get("Content-Encoding") == "gzip":
-            body = gzip.decompress(body)
+        if request.headers.get("Content-Encoding") == "gzip" and body[:2] == b"\x1f\x8b":
+            body = gzip.decompress(body)  # (aiohttp decompresses a gzip body itself)
         msg = ExportTraceServiceRequest()
         msg.ParseFromString(body)
         with self._lock:
             self.posts += 1
+            self.headers.append(request.headers.copy())  # case-insensitive
             for rs in msg.resource_spans:
                 resource = {a.key: _value(a.value) for a in rs.resource.attributes}
                 for ss in rs.scope_spans:
@@ -121,6 +123,8 @@ def traced(tmp_path_factory):
     shutil.copytree(FIXTURES / "server" / "logger", store / "logger")
     with OtlpReceiver() as receiver:
         env = {"OTEL_EXPORTER_OTLP_ENDPOINT": receiver.url, "OTEL_BSP_SCHEDULE_DELAY": "50",
+               "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+               "OTEL_EXPORTER_OTLP_TRACES_HEADERS": "authorization=Bearer%20t0ken,x-tenant=a",
                "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test",
                "LMC_LOG_FORMAT": "json", "LMC_LOG_LEVEL": "INFO"}
         with LmcServer(["--model-store", str(store)], env=env, timeout_s=180) as srv:
@@ -151,6 +155,11 @@ def test_a_generation_request_is_one_trace_under_the_clients_span(traced):
     assert a["http.response.status_code"] == 200 and a["url.path"] == "/generate"
     assert a["lmc.model"] == "tiny-llama" and a["lmc.request_id"] == "req-gen-1"
     assert server.status.code != server.status.STATUS_CODE_ERROR
+    # OTEL_EXPORTER_OTLP_COMPRESSION and _TRACES_HEADERS (URL-decoded) reach the collector.
+    with receiver._lock:
+        sent = receiver.headers[-1]
+    assert sent["Content-Encoding"] == "gzip"
+    assert (sent.get("authorization"), sent.get("x-tenant")) == ("Bearer t0ken", "a")
 
     parse, queue, worker, gen = (spans[n][1] for n in ("parse", "queue", "worker", "generation"))
     for child in (parse, queue, worker):
@@ -309,7 +318,23 @@ def test_when_tracing_is_on(env, exporters):
     ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"},
      "http/protobuf only"),
     ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_PYTHON_EXCLUDED_URLS": "(unclosed"},
-     "is not a list of regular expressions"),
+     "not a list of regular expressions"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER": "sometimes"},
+     "OTEL_TRACES_SAMPLER='sometimes': not one of always_on"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_TRACES_SAMPLER": "traceidratio",
+      "OTEL_TRACES_SAMPLER_ARG": "2"}, "OTEL_TRACES_SAMPLER_ARG='2': the sampling ratio"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_PROPAGATORS": "tracecontext,b3"},
+     "OTEL_PROPAGATORS='tracecontext,b3': 'b3' is not one this build has"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_SCHEDULE_DELAY": "soon"},
+     "OTEL_BSP_SCHEDULE_DELAY='soon': not an integer"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_BSP_MAX_QUEUE_SIZE": "8",
+      "OTEL_BSP_MAX_EXPORT_BATCH_SIZE": "16"}, "larger than OTEL_BSP_MAX_QUEUE_SIZE (8)"),
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"},
+     "OTEL_EXPORTER_OTLP_ENDPOINT='collector:4318/v1/traces': not an http:// or https:// URL"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION": "zstd"},
+     "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION='zstd': not gzip or none"),
+    ({"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_HEADERS": "a=1,broken"},
+     "'broken' is not key=value"),
 ])
 def test_settings_tracing_cannot_honour_are_config_errors(env, needle):
     from container import tracing
@@ -381,13 +406,21 @@ class _FakeJob:
         self.stats = None
 
 
-def test_errors_undispatched_jobs_and_unsampled_requests_in_process():
-    from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-    from opentelemetry.trace import StatusCode
+class _Collect:
+    """An exporter that keeps what it is given."""
 
+    def __init__(self) -> None:
+        self.spans: list = []
+
+    def export(self, spans) -> bool:
+        self.spans.extend(spans)
+        return True
+
+
+def test_errors_undispatched_jobs_and_unsampled_requests_in_process():
     from container import tracing
 
-    exporter = InMemorySpanExporter()
+    exporter = _Collect()
     assert tracing.configure({"OTEL_TRACES_EXPORTER": "none"}, exporter=exporter) is False
     assert tracing.configure({"OTEL_TRACES_EXPORTER": "otlp"}, exporter=exporter) is True
     try:
@@ -403,18 +436,117 @@ def test_errors_undispatched_jobs_and_unsampled_requests_in_process():
         tracing.end_request(trace, req, 200, _FakeJob(trace.t0_mono, dispatched=True))
         # /ping is not traced by default.
         assert tracing.start_request(_FakeRequest({}, "/ping")) is None
-        tracing._provider.force_flush()
+        assert tracing.flush()
     finally:
         tracing.shutdown()
     assert not tracing.enabled()
-    spans = {s.name: s for s in exporter.get_finished_spans()}
+    spans = {s.name: s for s in exporter.spans}
     assert set(spans) == {"POST", "parse", "queue"}, sorted(spans)  # unmatched route: the method
     server = spans["POST"]
-    assert server.status.status_code is StatusCode.ERROR
+    assert server.status_code == tracing.STATUS_ERROR and server.kind == tracing.KIND_SERVER
+    assert (server.trace_id, server.parent_span_id) == (int(CLIENT_TRACE_ID, 16),
+                                                        int(CLIENT_SPAN_ID, 16))
     assert server.attributes["http.response.status_code"] == 503
     assert server.attributes["error.type"] == "503"
     assert spans["queue"].attributes["lmc.dispatched"] is False
-    assert spans["queue"].end_time - spans["queue"].start_time == pytest.approx(3e6, abs=2e4)
+    assert spans["queue"].end_ns - spans["queue"].start_ns == pytest.approx(3e6, abs=2e4)
+    assert {s.parent_span_id for s in (spans["parse"], spans["queue"])} == {server.span_id}
+
+
+def test_the_encoding_is_what_opentelemetry_proto_reads():
+    """container/otlp.py writes protobuf by hand: every field it writes, read back by
+    opentelemetry-proto's own classes."""
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.trace.v1.trace_pb2 import Span, Status
+
+    from container import otlp, tracing
+
+    long_text = "x" * 300  # a length over one varint byte
+    spans = [
+        tracing.SpanData(int(CLIENT_TRACE_ID, 16), 0x1122334455667788, int(CLIENT_SPAN_ID, 16),
+                         True, "vendor=a", "POST /generate", tracing.KIND_SERVER,
+                         1_700_000_000_123_456_789, 1_700_000_001_000_000_000,
+                         {"s": "é" + long_text, "i": 503, "neg": -2, "b": True, "f": 0.25,
+                          "list": ["length", "stop"]},
+                         (("first_frame", 1_700_000_000_500_000_000),), tracing.STATUS_ERROR,
+                         "HTTP 503"),
+        tracing.SpanData(int(CLIENT_TRACE_ID, 16), 0x99, 0x1122334455667788, False, "",
+                         "parse", tracing.KIND_INTERNAL, 5, 6, {}),
+    ]
+    resource = otlp.resource_attributes({"OTEL_SERVICE_NAME": "svc",
+                                         "OTEL_RESOURCE_ATTRIBUTES": "k=v"})
+    body = otlp.encode_request(otlp.attributes(0x0A, resource), otlp._scope(), spans)
+    msg = ExportTraceServiceRequest()
+    msg.ParseFromString(body)
+    (rs,) = msg.resource_spans
+    res = {a.key: _value(a.value) for a in rs.resource.attributes}
+    assert res["service.name"] == "svc" and res["k"] == "v"
+    assert res["telemetry.sdk.name"] == "opentelemetry"
+    (ss,) = rs.scope_spans
+    assert ss.scope.name == "lmc"
+    server, parse = ss.spans
+    assert server.trace_id.hex() == CLIENT_TRACE_ID and server.span_id.hex() == "1122334455667788"
+    assert server.parent_span_id.hex() == CLIENT_SPAN_ID and server.trace_state == "vendor=a"
+    assert server.name == "POST /generate" and server.kind == Span.SPAN_KIND_SERVER
+    assert (server.start_time_unix_nano, server.end_time_unix_nano) == (
+        1_700_000_000_123_456_789, 1_700_000_001_000_000_000)
+    assert attrs(server) == {"s": "é" + long_text, "i": 503, "neg": -2, "b": True, "f": 0.25,
+                             "list": ["length", "stop"]}
+    (event,) = server.events
+    assert (event.name, event.time_unix_nano) == ("first_frame", 1_700_000_000_500_000_000)
+    assert server.status.code == Status.STATUS_CODE_ERROR and server.status.message == "HTTP 503"
+    assert server.flags == 0x301
+    assert parse.parent_span_id.hex() == "1122334455667788" and not parse.attributes
+    assert parse.kind == Span.SPAN_KIND_INTERNAL and parse.status.code == Status.STATUS_CODE_UNSET
+    assert parse.flags == 0x101 and parse.trace_state == ""
+
+
+@pytest.mark.parametrize("value, parsed", [
+    (TRACEPARENT, (int(CLIENT_TRACE_ID, 16), int(CLIENT_SPAN_ID, 16), True)),
+    (TRACEPARENT[:-2] + "00", (int(CLIENT_TRACE_ID, 16), int(CLIENT_SPAN_ID, 16), False)),
+    ("01-" + TRACEPARENT[3:] + "-future", (int(CLIENT_TRACE_ID, 16), int(CLIENT_SPAN_ID, 16),
+                                           True)),  # a later version may add fields
+    (None, None), ("", None), ("garbage", None),
+    ("00-" + "0" * 32 + "-00f067aa0ba902b7-01", None),  # an all-zero trace id is invalid
+    ("00-4bf92f3577b34da6a3ce929d0e0e4736-" + "0" * 16 + "-01", None),
+    ("ff-" + TRACEPARENT[3:], None), (TRACEPARENT + "-x", None),  # version 00 has 4 fields
+    (TRACEPARENT.upper(), None),  # the spec asks for lower case hex
+])
+def test_traceparent_parsing(value, parsed):
+    from container.tracing import parse_traceparent
+
+    assert parse_traceparent(value) == parsed
+
+
+def test_samplers():
+    from container.tracing import _sampler
+
+    low, high = 1 << 20, (1 << 64) - 1  # the low 64 bits decide a ratio
+    on = _sampler({})
+    assert on.name == "parentbased_always_on"
+    assert on(high, None) and not on(high, False) and on(low, True)
+    ratio = _sampler({"OTEL_TRACES_SAMPLER": "traceidratio", "OTEL_TRACES_SAMPLER_ARG": "0.1"})
+    assert ratio(low, None) and not ratio(high, None) and ratio(low, False)  # parent ignored
+    assert sum(ratio(i * 0x9E3779B97F4A7C15 & high, None) for i in range(10000)) in \
+        range(900, 1100)
+    pb = _sampler({"OTEL_TRACES_SAMPLER": "parentbased_traceidratio",
+                   "OTEL_TRACES_SAMPLER_ARG": "0"})
+    assert not pb(low, None) and pb(high, True)
+    off = _sampler({"OTEL_TRACES_SAMPLER": "always_off"})
+    assert not off(low, True)
+
+
+def test_the_console_exporter_writes_one_json_line_per_span():
+    import io
+
+    from container import otlp, tracing
+
+    out = io.StringIO()
+    span = tracing.SpanData(1, 2, 0, False, "", "parse", tracing.KIND_INTERNAL, 5, 6, {"a": 1})
+    otlp.ConsoleExporter({"service.name": "lmc"}, out).export([span, span])
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == 2 and lines[0]["name"] == "parse" and lines[0]["attributes"] == {"a": 1}
+    assert lines[0]["trace_id"] == "0" * 31 + "1" and lines[0]["parent_id"] is None
 
 
 def test_the_request_id_is_decided_once():
