@@ -22,6 +22,7 @@ from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
                                     HistogramMetricFamily, Metric)
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 
+from container import tracing
 from engines.contracts.metrics import (BATCH_BUCKETS, E2E_BUCKETS, ITL_BUCKETS, QUEUE_BUCKETS,
                                        REQUEST_BUCKETS, TTFT_BUCKETS, Histogram)
 
@@ -83,6 +84,12 @@ METRICS: dict[str, tuple[str, tuple[str, ...], str, str]] = {
                                     "vllm:prefix_cache_hits_total"),
     "lmc_preemptions_total": ("counter", ("model",), "requests preempted to free KV blocks",
                               "vllm:num_preemptions_total"),
+    "lmc_trace_spans_exported_total": ("counter", (), "spans the trace collector accepted "
+                                       "(while tracing is on)", ""),
+    "lmc_trace_spans_failed_total": ("counter", (), "spans whose export failed after its "
+                                     "retries (while tracing is on)", ""),
+    "lmc_traces_dropped_total": ("counter", (), "traces dropped because the export queue was "
+                                 "full (OTEL_BSP_MAX_QUEUE_SIZE; while tracing is on)", ""),
 }
 
 _ENGINE_HISTOGRAMS = {"lmc_time_to_first_token_seconds": TTFT_BUCKETS,
@@ -185,6 +192,11 @@ class Metrics:
             fams["lmc_adapter_requests_total"].add_metric(list(key), n)
         for name, model in self.manager.models.items():
             self._collect_model(fams, name, model)
+        traces = tracing.counts()
+        if traces is not None:
+            fams["lmc_trace_spans_exported_total"].add_metric([], traces["exported"])
+            fams["lmc_trace_spans_failed_total"].add_metric([], traces["failed"])
+            fams["lmc_traces_dropped_total"].add_metric([], traces["dropped"])
         yield from fams.values()
 
     def _collect_model(self, fams: dict[str, Metric], name: str, model) -> None:

@@ -287,6 +287,14 @@ def enabled() -> bool:
     return _settings is not None
 
 
+def counts() -> dict[str, int] | None:
+    """Spans exported, spans whose export failed, traces dropped (queue full); None while
+    tracing is off (GET /metrics)."""
+    p = _processor
+    return None if p is None else {"exported": p.exported, "failed": p.failed,
+                                   "dropped": p.dropped}
+
+
 def flush(timeout_s: float = 5.0) -> bool:
     """Export everything queued now; whether it all went within `timeout_s`."""
     processor = _processor
@@ -495,7 +503,8 @@ class BatchProcessor:
                                                         found.max_batch)
         self.queue: collections.deque = collections.deque()
         self.dropped = 0
-        self.exported = 0  # spans handed to the exporters
+        self.exported = 0  # spans every exporter took (the collector answered 2xx)
+        self.failed = 0  # spans an exporter gave up on
         self._wake = threading.Event()
         self._idle = threading.Condition()
         self._pending = 0  # requests taken off the queue, not yet exported
@@ -539,12 +548,17 @@ class BatchProcessor:
                     spans.extend(request_spans(record))
                 except Exception:  # noqa: BLE001 - one bad record must not lose the batch
                     log.exception("building a request's spans failed")
+            ok = True
             for exporter in self.exporters:
                 try:
-                    exporter.export(spans)
+                    ok = exporter.export(spans) is not False and ok
                 except Exception:  # noqa: BLE001 - the collector's trouble, not the server's
                     log.exception("exporting %d spans failed", len(spans))
-            self.exported += len(spans)
+                    ok = False
+            if ok:
+                self.exported += len(spans)
+            else:
+                self.failed += len(spans)
             with self._idle:
                 self._pending = 0
                 self._idle.notify_all()

@@ -246,6 +246,26 @@ def test_json_logs_everywhere_and_health_checks_untraced(traced):
         assert not [s for _, s in receiver.spans if s.name == "GET /ping"]
 
 
+def test_metrics_count_the_spans_the_collector_took(traced):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    srv, receiver = traced
+    assert srv.post("/generate", {"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
+                    headers={"X-Model-Name": "tiny-llama"}).status == 200
+    deadline = time.monotonic() + 10
+    while True:
+        text = srv.request("GET", "/metrics").body.decode()
+        values = {s.name: s.value for fam in text_string_to_metric_families(text)
+                  for s in fam.samples if s.name.startswith(("lmc_trace", "lmc_traces"))}
+        with receiver._lock:
+            received = len(receiver.spans)
+        if values.get("lmc_trace_spans_exported_total") == received or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert values == {"lmc_trace_spans_exported_total": received,
+                      "lmc_trace_spans_failed_total": 0, "lmc_traces_dropped_total": 0}
+
+
 def _wait_for_line(srv: LmcServer, pred, timeout_s: float = 10.0) -> dict:
     deadline = time.monotonic() + timeout_s
     while True:
@@ -547,6 +567,48 @@ def test_the_console_exporter_writes_one_json_line_per_span():
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert len(lines) == 2 and lines[0]["name"] == "parse" and lines[0]["attributes"] == {"a": 1}
     assert lines[0]["trace_id"] == "0" * 31 + "1" and lines[0]["parent_id"] is None
+
+
+def test_the_exporter_retries_what_a_busy_collector_refuses_and_gives_up_on_a_dead_one():
+    import http.server
+
+    from container import otlp, tracing
+
+    answers = [503, 429, 200]
+    bodies = []
+
+    class Collector(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - http.server's name
+            bodies.append(self.rfile.read(int(self.headers["Content-Length"])))
+            self.send_response(answers.pop(0) if answers else 400)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Collector)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    span = tracing.SpanData(1, 2, 0, False, "", "parse", tracing.KIND_INTERNAL, 5, 6, {})
+    try:
+        found = tracing.settings({"OTEL_EXPORTER_OTLP_ENDPOINT":
+                                  f"http://127.0.0.1:{server.server_port}"})
+        exporter = otlp.OtlpHttpExporter(found, {"service.name": "lmc"})
+        assert exporter.export([span]) is True  # after a 503 and a 429
+        assert len(bodies) == 3 and bodies[0] == bodies[2]
+        assert exporter.export([span]) is False  # a 400 is not retried
+        assert len(bodies) == 4 and exporter.failures == 1
+        exporter.close()
+    finally:
+        server.shutdown()
+        server.server_close()
+    # Nobody listening: retried until OTEL_BSP_EXPORT_TIMEOUT, then dropped, never raised.
+    found = tracing.settings({"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+                              "OTEL_BSP_EXPORT_TIMEOUT": "400"})
+    exporter = otlp.OtlpHttpExporter(found, {})
+    t0 = time.monotonic()
+    assert exporter.export([span]) is False
+    assert time.monotonic() - t0 < 2
 
 
 def test_the_request_id_is_decided_once():
