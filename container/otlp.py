@@ -74,52 +74,69 @@ def _any_value(v) -> bytes:
 
 
 _keys: dict[str, bytes] = {}
-# Encoded KeyValues of the values that repeat (method, route, status, model, client address,
-# ...): most attributes of a request are the same as the last one's. Not the unique ones.
+# Encoded attributes (tag, key, value) of the values that repeat (method, route, status, model,
+# client address, ...): most attributes of a request are the same as the last one's. Not the
+# unique ones. Likewise span names and event names.
 _pairs: dict[tuple, bytes] = {}
-_MAX_PAIRS = 4096
+_strings: dict[tuple[int, str], bytes] = {}
+_MAX_CACHED = 4096
 UNIQUE_KEYS = frozenset({"lmc.request_id", "lmc.job_id", "lmc.ttft_s"})
 
 
-def _key_value(key: str, value) -> bytes:
+def _attribute(tag: int, key: str, value) -> bytes:
+    """One KeyValue as field tag byte `tag`."""
     cacheable = key not in UNIQUE_KEYS and type(value) in (str, int, bool)
     if cacheable:
-        encoded = _pairs.get((key, type(value), value))
+        encoded = _pairs.get((tag, key, type(value), value))
         if encoded is not None:
             return encoded
     prefix = _keys.get(key)
     if prefix is None:
         prefix = _keys[key] = _len(0x0A, key.encode())
-    encoded = prefix + _len(0x12, _any_value(value))
-    if cacheable and len(_pairs) < _MAX_PAIRS:
-        _pairs[(key, type(value), value)] = encoded
+    encoded = _len(tag, prefix + _len(0x12, _any_value(value)))
+    if cacheable and len(_pairs) < _MAX_CACHED:
+        _pairs[(tag, key, type(value), value)] = encoded
+    return encoded
+
+
+def _string(tag: int, text: str) -> bytes:
+    """A string field of a value that repeats (span and event names)."""
+    encoded = _strings.get((tag, text))
+    if encoded is None:
+        encoded = _len(tag, text.encode())
+        if len(_strings) < _MAX_CACHED:
+            _strings[(tag, text)] = encoded
     return encoded
 
 
 def attributes(tag: int, attrs: Mapping) -> bytes:
     """Repeated KeyValue under field tag byte `tag`."""
-    return b"".join(_len(tag, _key_value(k, v)) for k, v in attrs.items())
+    return b"".join([_attribute(tag, k, v) for k, v in attrs.items()])
+
+
+_FLAGS = {False: b"\x85\x01" + _pack_i(0x101), True: b"\x85\x01" + _pack_i(0x301)}
 
 
 def encode_span(s) -> bytes:
     """One Span message (tracing.SpanData)."""
     out = [b"\x0a\x10", s.trace_id.to_bytes(16, "big"), b"\x12\x08", s.span_id.to_bytes(8, "big")]
     if s.trace_state:
-        out.append(_len(0x1A, s.trace_state.encode()))
+        out.append(_string(0x1A, s.trace_state))
     if s.parent_span_id:
         out += (b"\x22\x08", s.parent_span_id.to_bytes(8, "big"))
-    out += (_len(0x2A, s.name.encode()), b"\x30", bytes((s.kind,)),
+    out += (_string(0x2A, s.name), b"\x30", bytes((s.kind,)),
             b"\x39", _pack_q(s.start_ns), b"\x41", _pack_q(s.end_ns))
     if s.attributes:
-        out.append(attributes(0x4A, s.attributes))
+        for k, v in s.attributes.items():
+            out.append(_attribute(0x4A, k, v))
     for name, at in s.events:
-        out.append(_len(0x5A, b"\x09" + _pack_q(at) + _len(0x12, name.encode())))
+        out.append(_len(0x5A, b"\x09" + _pack_q(at) + _string(0x12, name)))
     if s.status_code:
         status = (_len(0x12, s.status_message.encode()) if s.status_message else b"") + \
             b"\x18" + bytes((s.status_code,))
         out.append(_len(0x7A, status))
     # flags: sampled (0x01), the parent's is-remote bit is known (0x100), and set (0x200).
-    out += (b"\x85\x01", _pack_i(0x101 | (0x200 if s.parent_remote else 0)))
+    out.append(_FLAGS[s.parent_remote])
     return b"".join(out)
 
 
