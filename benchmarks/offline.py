@@ -7,6 +7,7 @@ per second (generated tokens / wall time, prefill included) and the ratio.
 
     .venv/bin/python benchmarks/offline.py                       # SmolLM2-135M fp32 on CPU
     .venv/bin/python benchmarks/offline.py --random-config llama-1b --dtype bf16 --num-prompts 128
+    .venv/bin/python benchmarks/offline.py --quantize int8 --skip-hf   # option.quantize
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from engines.options import QUANTIZE_METHODS  # noqa: E402
 
 # Random-weight configs for speed runs where no checkpoint is needed (e.g. on a GPU).
 RANDOM_CONFIGS = {
@@ -83,14 +86,16 @@ def run_hf(model_dir: Path, prompts: list[list[int]], output_len: int, dtype, de
 
 def run_native(model_dir: Path, prompts: list[list[int]], output_len: int, dtype_name: str,
                device, max_num_seqs: int, *, attention_backend: str = "auto",
-               cuda_graphs: bool | None = None, profile: int = 0) -> tuple[float, dict]:
+               cuda_graphs: bool | None = None, profile: int = 0,
+               quantize: str | None = None) -> tuple[float, dict]:
     from engines.native.engine import NativeEngine
     from engines.types import SamplingParams
 
     engine = NativeEngine(str(model_dir), dtype=dtype_name, device=str(device),
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
                           kv_cache_gb=None if device.type == "cuda" else 4.0,
-                          attention_backend=attention_backend, cuda_graphs=cuda_graphs)
+                          attention_backend=attention_backend, cuda_graphs=cuda_graphs,
+                          quantize=quantize)
     warm = SamplingParams(max_new_tokens=4, ignore_eos_token=True)
     warm_prompts = [p[:8] for p in prompts[:2]]  # one with --num-prompts 1
     engine.generate(warm_prompts, [warm] * len(warm_prompts))
@@ -143,6 +148,8 @@ def main() -> int:
                     help="native engine decode attention (option.attention_backend)")
     ap.add_argument("--enforce-eager", action="store_true",
                     help="native engine without CUDA graphs (option.enforce_eager)")
+    ap.add_argument("--quantize", choices=QUANTIZE_METHODS,
+                    help="native engine weight quantization (option.quantize); HF stays fp32")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="rerun the native workload under torch.profiler, print the top ROWS ops")
     ap.add_argument("--json", help="also write the results here")
@@ -164,7 +171,8 @@ def main() -> int:
     prompts = [[rng.randrange(100, vocab) for _ in range(args.input_len)]
                for _ in range(args.num_prompts)]
     print(f"{model_dir.name}: {args.num_prompts} prompts x {args.input_len} tokens in, "
-          f"{args.output_len} out, greedy, {args.dtype} on {device} "
+          f"{args.output_len} out, greedy, {args.dtype}"
+          f"{f' ({args.quantize} weights, native)' if args.quantize else ''} on {device} "
           f"({torch.get_num_threads()} threads)", flush=True)
 
     result = {"config": vars(args)}
@@ -172,7 +180,7 @@ def main() -> int:
                               max_num_seqs=max(args.num_prompts, 1),
                               attention_backend=args.attention_backend,
                               cuda_graphs=False if args.enforce_eager else None,
-                              profile=args.profile)
+                              profile=args.profile, quantize=args.quantize)
     result["native_out_tok_s"] = native
     print(f"native engine      : {native:8.1f} out tok/s  {info}", flush=True)
     if not args.skip_hf:

@@ -132,6 +132,8 @@ def main() -> int:
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--input-words", type=int, default=100, help="about 1 token per word")
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--quantize", help="with --start: option.quantize for the served engine "
+                                       "(OPTION_QUANTIZE; e.g. int8, int4, bf16)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
 
@@ -151,7 +153,8 @@ def main() -> int:
 
             tmp = tempfile.mkdtemp(prefix="lmc-bench-")
             model_dir = str(build_random_model(args.random_config, torch.float32, Path(tmp)))
-        proc, url = start_server(model_dir, max(args.concurrency))
+        proc, url = start_server(model_dir, max(args.concurrency),
+                                 {"OPTION_QUANTIZE": args.quantize} if args.quantize else None)
     try:
         rows = []
         for c in args.concurrency:

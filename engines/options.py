@@ -364,6 +364,8 @@ class HandlerOptions:
 # ---- per engine --------------------------------------------------------------------------------
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
+# option.quantize of the native engine (engines/native/quant.py says what each one stores).
+QUANTIZE_METHODS = ("int8", "int4", "int4_g64", "int4_g128", "bf16", "fp16", "fp8")
 _DTYPE = dict(key="option.dtype", default="auto",
               meaning="auto | fp32 | fp16 | bf16 (auto: fp32 on CPU, the checkpoint's on GPU)",
               choices=DTYPES, aliases={"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"})
@@ -425,6 +427,11 @@ class NativeOptions:
     max_loras: int = _opt(_MAX_LORAS)
     max_cpu_loras: int | None = _opt(_MAX_CPU_LORAS)
     max_lora_rank: int = _opt(_MAX_LORA_RANK)
+    quantize: str | None = opt(
+        "option.quantize", None,
+        "low-bit weights (engines/native/quant.py): int8 (per channel), int4 (groups of 32; "
+        "int4_g64, int4_g128), fp16 (fp32 compute), bf16 (bf16 GEMM, fp32 accumulation); "
+        "fp8 on GPU (int8 maps to it there)", choices=QUANTIZE_METHODS)
 
     def engine_kwargs(self) -> dict[str, Any]:
         """NativeEngine's constructor arguments."""
@@ -443,6 +450,8 @@ class NativeOptions:
         if self.enforce_eager:
             kw["cuda_graphs"] = False
         kw.update(_lora_kwargs(self))
+        if self.quantize is not None:
+            kw["quantize"] = self.quantize
         return kw
 
 

@@ -34,6 +34,7 @@ from engines.lora.slots import SlotTable
 from engines.lora.store import AdapterRecord, AdapterStore
 from engines.native.block_manager import BlockManager
 from engines.native.model import LlamaModel
+from engines.native.quant import resolve_method
 from engines.native.spec import read_spec
 from engines.native.plan import Keepalive, Shutdown, StepPlan, make_plan
 from engines.native.runner import ModelRunner, ModelRunnerOutput
@@ -72,7 +73,7 @@ class NativeEngine(TokenizerMixin):
                  enable_prefix_caching: bool = True, tp_size: int = 1,
                  attention_backend: str = "auto", cuda_graphs: bool | None = None,
                  enable_lora: bool = False, max_loras: int = 4, max_cpu_loras: int | None = None,
-                 max_lora_rank: int = 16) -> None:
+                 max_lora_rank: int = 16, quantize: str | None = None) -> None:
         from transformers import AutoTokenizer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -92,8 +93,11 @@ class NativeEngine(TokenizerMixin):
             device = f"cuda:{torch.cuda.current_device()}" if self.tp else "cuda"
         self.device = torch.device(device or "cpu")
         self.dtype = self._resolve_dtype(dtype, cfg)
+        # option.quantize: checked against the device before any weight is read.
+        self.quantize = resolve_method(quantize, self.device) if quantize else None
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        self.model = LlamaModel(path, dtype=self.dtype, device=self.device, tp=self.tp)
+        self.model = LlamaModel(path, dtype=self.dtype, device=self.device, tp=self.tp,
+                                quantize=self.quantize)
         self.max_context = spec.max_position_embeddings
         self.vocab_size = spec.vocab_size
         self.eos_token_ids = self._eos_ids(cfg, path)
@@ -139,8 +143,10 @@ class NativeEngine(TokenizerMixin):
         # Seq ids whose prompt log-probs are still being computed (decoder_input_details).
         self._want_prompt_lps: set[int] = set()
         self._stopped = False
-        log.info("native engine: %s %s on %s, %d KV blocks of %d tokens, %s decode attention"
-                 "%s%s%s", spec.architecture, self.dtype, self.device, num_blocks, block_size,
+        log.info("native engine: %s %s%s on %s, %d KV blocks of %d tokens, %s decode attention"
+                 "%s%s%s", spec.architecture, self.dtype,
+                 f" ({self.quantize} weights)" if self.quantize else "", self.device,
+                 num_blocks, block_size,
                  self.runner.attention, ", CUDA graphs" if self.runner.graphs else "",
                  f", tensor-parallel rank {self.tp.rank} of {self.tp.size}" if self.tp else "",
                  f", LoRA: {max_loras} slots of rank {max_lora_rank} "

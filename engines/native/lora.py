@@ -51,7 +51,7 @@ class LoraSlots:
     def __init__(self, model, *, max_loras: int, max_rank: int) -> None:
         s = model.spec
         hidden, q, kv = s.hidden_size, model.q_size, model.kv_size
-        ff = model.layers[0]["down"].shape[0]  # this rank's share of the MLP width
+        ff = model.ff_size  # this rank's share of the MLP width
         self.subs: dict[str, tuple[int, list[tuple[str, int]]]] = {
             "qkv": (hidden, [("q_proj", q), ("k_proj", kv), ("v_proj", kv)]),
             "o": (q, [("o_proj", hidden)]),

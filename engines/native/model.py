@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
+from engines.native.quant import matmul, quantize_linear
 from engines.native.spec import UnsupportedModel, read_spec
 
 if TYPE_CHECKING:
@@ -88,7 +89,7 @@ class LlamaModel:
     tensors keep the hot loop free of module-call overhead."""
 
     def __init__(self, model_dir: str | Path, *, dtype: torch.dtype, device: torch.device,
-                 tp: TensorParallel | None = None):
+                 tp: TensorParallel | None = None, quantize: str | None = None):
         model_dir = Path(model_dir)
         self.spec, _ = read_spec(model_dir)
         s = self.spec
@@ -150,6 +151,19 @@ class LlamaModel:
             self.lm_head = vocab_rows("lm_head.weight")  # [V, hidden]
         else:
             self.lm_head = self.embed
+        self.ff_size = ff  # this rank's share of the MLP width
+        # option.quantize (quant.py): each matmul weight replaced by its quantized form, one
+        # at a time so the fp32 copies go as they are converted. The LM head gets its own
+        # [hidden, V] copy; the embedding table stays in the model dtype for the row lookup.
+        self.quantize = quantize
+        self.lm_head_q = None
+        if quantize is not None:
+            for layer in self.layers:
+                for name in ("qkv", "o", "gate_up", "down"):
+                    layer[name] = quantize_linear(layer[name], quantize)
+            self.lm_head_q = quantize_linear(self.lm_head.t(), quantize, lm_head=True)
+            if self.lm_head is not self.embed:
+                self.lm_head = None  # only the quantized copy is used
         # A weight this forward pass does not use (o_proj or MLP biases, say) would silently
         # give wrong outputs: refuse the model so the caller falls back to `hf`.
         unused = sorted(k for k in ckpt.unread if k != "lm_head.weight"
@@ -213,7 +227,7 @@ class LlamaModel:
         lora = batch.lora  # LoRA rows of this step (lora.py), None when no row has an adapter
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_cache)):
             h = self._rms_norm(x, layer["in_norm"])
-            qkv = h @ layer["qkv"]  # [T, (H + 2KV) * D]
+            qkv = matmul(h, layer["qkv"])  # [T, (H + 2KV) * D]
             if layer["qkv_b"] is not None:
                 qkv = qkv + layer["qkv_b"]
             if lora is not None:
@@ -225,17 +239,17 @@ class LlamaModel:
             k_cache.index_copy_(0, batch.slot_mapping, k)
             v_cache.index_copy_(0, batch.slot_mapping, v)
             attn = self._attention(q, k, v, k_cache, v_cache, batch, decode, i)  # [T, H * D]
-            o = attn @ layer["o"]  # [T, hidden]
+            o = matmul(attn, layer["o"])  # [T, hidden]
             if lora is not None:  # with TP: this rank's partial delta joins the all-reduce
                 lora.apply(i, "o", attn, o)
             x = x + (o if tp is None else tp.all_reduce(o))
             h = self._rms_norm(x, layer["post_norm"])
-            gate_up = h @ layer["gate_up"]  # [T, 2F]
+            gate_up = matmul(h, layer["gate_up"])  # [T, 2F]
             if lora is not None:
                 lora.apply(i, "gate_up", h, gate_up)
             gate, up = gate_up.chunk(2, dim=-1)
             act = F.silu(gate) * up  # [T, F]
-            down = act @ layer["down"]  # [T, hidden]
+            down = matmul(act, layer["down"])  # [T, hidden]
             if lora is not None:
                 lora.apply(i, "down", act, down)
             x = x + (down if tp is None else tp.all_reduce(down))
@@ -254,7 +268,10 @@ class LlamaModel:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
         """[N, V] fp32; with tensor parallelism on rank 0 only (None on the other ranks)."""
-        logits = hidden @ self.lm_head.t()  # [N, V] (this rank's Vp with TP)
+        if self.lm_head_q is not None:
+            logits = self.lm_head_q(hidden)  # [N, V] (this rank's Vp with TP)
+        else:
+            logits = hidden @ self.lm_head.t()  # [N, V] (this rank's Vp with TP)
         if self.tp is not None:
             logits = self.tp.gather_last_dim(logits)  # [N, TP * Vp] on rank 0
             if logits is None:
