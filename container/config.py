@@ -169,7 +169,8 @@ def _llm_plan(model_dir: str, serving: ServingOptions, settings: Mapping[str, Se
 
 
 _SELECT_HINT = {"native": "option.rolling_batch=native", "hf": "option.rolling_batch=disable",
-                "deepspeed": "engine=DeepSpeed"}
+                "deepspeed": "engine=DeepSpeed", "vllm": "option.rolling_batch=vllm",
+                "trtllm": "option.rolling_batch=trtllm", "neuronx": "option.rolling_batch=neuronx"}
 
 
 def _check_engine_reads(choice: EngineChoice, options: Mapping[str, Setting]) -> None:
@@ -181,8 +182,8 @@ def _check_engine_reads(choice: EngineChoice, options: Mapping[str, Setting]) ->
         readers = [name for name, cls in ENGINE_OPTIONS.items() if key in keys_of(cls)]
         hint = " or ".join(_SELECT_HINT[r] for r in readers)
         raise ConfigError(
-            f"{key}={s.value!r} (from {s.source}) is read by the {' and '.join(readers)} "
-            f"engine, but this model is served by the {choice.name} engine ({choice.reason}); "
+            f"{key}={s.value!r} (from {s.source}) is read by the {', '.join(readers)} "
+            f"engine{'s' if len(readers) > 1 else ''}, but this model is served by the {choice.name} engine ({choice.reason}); "
             f"remove the key, or select the engine that reads it ({hint})")
 
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from container.groups import GroupSpec
 from container.jobs import Job
 from engines.contracts import protocol as P
+from engines.backends.requirements import worker_python
 from engines.contracts.errors import LmcError, ServiceUnavailable, WorkerDied
 
 if TYPE_CHECKING:  # the Model owns its workers; a worker reports crashes back to it
@@ -88,10 +89,15 @@ class Worker:
     def _command(self) -> list[str]:
         """One process, or `mpirun -np TP` of them for a tensor-parallel group (or engine=MPI
         / DeepSpeed, which LMI runs under MPI even at TP=1)."""
-        worker = [sys.executable, "-m", "handlers.worker", "--socket", self.sock_path,
+        llm = self.model.config.llm
+        # A vllm worker runs under the interpreter that has vllm (engines/backends/).
+        python = worker_python(llm.engine.name if llm is not None else None)
+        worker = [python, "-m", "handlers.worker", "--socket", self.sock_path,
                   "--name", f"{self.model.name}/w{self.id}"]
         if self.group.tp == 1 and self.model.config.engine == "Python":
             return worker
+        if llm is not None and llm.engine.name == "vllm":
+            return worker  # vLLM spawns its own tensor-parallel workers
         mpirun = self.model.server.mpirun or shutil.which("mpirun")
         if mpirun is None:
             raise WorkerDied(f"tensor_parallel_degree={self.group.tp} (engine="

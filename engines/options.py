@@ -6,7 +6,8 @@ One frozen dataclass per consumer:
     ServerOptions     the process: port, request size, cache dir, ... (environment only)
     ServingOptions    per model, read by the front end: queue, batching, workers, timeouts, TP
     HandlerOptions    per model, read by the default LLM handler: entry point, output format, ...
-    NativeOptions, HFOptions, DeepSpeedOptions   per engine (ENGINE_OPTIONS maps name -> class)
+    NativeOptions, HFOptions, DeepSpeedOptions, VLLMOptions, TRTLLMOptions, NeuronXOptions
+                      per engine (ENGINE_OPTIONS maps name -> class)
 
 Values arrive as strings (serving.properties, OPTION_* variables, the register API) and are
 parsed here, once, at startup in the front end, strictly: a bad value is a ConfigError naming
@@ -247,6 +248,10 @@ class ServerOptions:
                                 "client networks (CIDR, comma-separated) or any that may call "
                                 "the management API", env=("LMC_MANAGEMENT_ALLOW",),
                                 parse=parse_networks)
+    vllm_python: str | None = opt("server.vllm_python", None,
+                                  "python that runs vllm workers (option.rolling_batch=vllm)",
+                                  env=("LMC_VLLM_PYTHON",),
+                                  default_text="this one if it has vllm, else .venv-vllm's")
     allowed_urls: str | None = opt("server.allowed_urls", None,
                                    "directories (comma-separated) POST /models may register from",
                                    env=("LMC_ALLOWED_URLS",),
@@ -308,16 +313,17 @@ class ServingOptions:
 # ---- per model, read by the default LLM handler -----------------------------------------------
 
 # option.rolling_batch values and the engine each picks (engines/selection.py decides).
-ROLLING_BATCH = ("auto", "native", "lmi-dist", "scheduler", "disable", "deepspeed")
-_ROLLING_ALIASES = {"lmi_dist": "lmi-dist", "false": "disable", "hf": "disable"}
-# LMI's names for engines that are not part of this build: refused by name, never substituted.
-NOT_IN_THIS_BUILD = ("vllm", "trtllm", "tensorrt-llm", "tensorrt_llm", "neuron", "neuronx", "tnx")
+ROLLING_BATCH = ("auto", "native", "lmi-dist", "scheduler", "disable", "deepspeed", "vllm",
+                 "trtllm", "neuronx")
+_ROLLING_ALIASES = {"lmi_dist": "lmi-dist", "false": "disable", "hf": "disable",
+                    "tensorrt-llm": "trtllm", "tensorrt_llm": "trtllm", "neuron": "neuronx",
+                    "tnx": "neuronx"}
 
 
 def _parse_rolling_batch(text: str) -> str:
     value = text.strip().lower()
     value = _ROLLING_ALIASES.get(value, value)
-    if value not in ROLLING_BATCH and value not in NOT_IN_THIS_BUILD:
+    if value not in ROLLING_BATCH:
         raise ValueError(f"is not one of {', '.join(ROLLING_BATCH)}")
     return value
 
@@ -481,8 +487,96 @@ class DeepSpeedOptions:
         return {"dtype": self.dtype, "tp_size": self.tensor_parallel_degree}
 
 
+# vLLM's engine arguments under LMI's names (engines/vllm/). vLLM spawns its own TP workers.
+VLLM_QUANTIZE = ("awq", "gptq", "fp8", "compressed-tensors", "bitsandbytes", "gguf")
+
+
+@dataclass(frozen=True, kw_only=True)
+class VLLMOptions:
+    """vLLM's AsyncLLM in the worker (engines/vllm/), under its own interpreter."""
+
+    dtype: str = _opt(_DTYPE)
+    tensor_parallel_degree: int | str = _opt(_TP)
+    max_rolling_batch_size: int = opt("option.max_rolling_batch_size", 32,
+                                      "max_num_seqs: most requests running at once",
+                                      env=("MAX_BATCH_SIZE",), minimum=1)
+    max_rolling_batch_prefill_tokens: int | None = opt(
+        "option.max_rolling_batch_prefill_tokens", None, "max_num_batched_tokens", minimum=1,
+        default_text="vLLM's")
+    max_model_len: int | None = opt("option.max_model_len", None,
+                                    "most tokens (prompt + output) per sequence", minimum=1,
+                                    default_text="the model's")
+    gpu_memory_utilization: float = opt(
+        "option.gpu_memory_utilization", 0.9, "share of GPU memory vLLM may use", minimum=0,
+        exclusive_minimum=True, maximum=1)
+    cpu_kv_cache_gb: float | None = opt(
+        "option.cpu_kv_cache_gb", None, "VLLM_CPU_KVCACHE_SPACE (GiB, rounded up) on CPU",
+        minimum=0, exclusive_minimum=True, default_text="2")
+    enable_prefix_caching: bool = opt("option.enable_prefix_caching", True,
+                                      "reuse the KV cache of shared prompt prefixes")
+    enforce_eager: bool | None = opt("option.enforce_eager", None, "true: no CUDA graphs / "
+                                     "torch.compile", default_text="true on CPU")
+    quantize: str | None = opt("option.quantize", None,
+                               f"vLLM's quantization: {' | '.join(VLLM_QUANTIZE)}",
+                               choices=VLLM_QUANTIZE)
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        assert isinstance(self.tensor_parallel_degree, int), "TP max is resolved at selection"
+        return dict(dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_degree,
+                    max_num_seqs=self.max_rolling_batch_size,
+                    max_num_batched_tokens=self.max_rolling_batch_prefill_tokens,
+                    max_model_len=self.max_model_len,
+                    gpu_memory_utilization=self.gpu_memory_utilization,
+                    cpu_kv_cache_gb=self.cpu_kv_cache_gb,
+                    enable_prefix_caching=self.enable_prefix_caching,
+                    enforce_eager=self.enforce_eager, quantization=self.quantize)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TRTLLMOptions:
+    """TensorRT-LLM's LLM API, PyTorch backend (engines/trtllm/): NVIDIA GPUs only."""
+
+    dtype: str = _opt(_DTYPE)
+    tensor_parallel_degree: int | str = _opt(_TP)
+    max_rolling_batch_size: int = opt("option.max_rolling_batch_size", 64, "max_batch_size",
+                                      env=("MAX_BATCH_SIZE",), minimum=1)
+    max_model_len: int | None = opt("option.max_model_len", None, "max_seq_len", minimum=1,
+                                    default_text="the model's")
+    enable_prefix_caching: bool = opt("option.enable_prefix_caching", True,
+                                      "KV cache block reuse")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        assert isinstance(self.tensor_parallel_degree, int), "TP max is resolved at selection"
+        return dict(dtype=self.dtype, tensor_parallel_size=self.tensor_parallel_degree,
+                    max_batch_size=self.max_rolling_batch_size, max_seq_len=self.max_model_len,
+                    enable_block_reuse=self.enable_prefix_caching)
+
+
+@dataclass(frozen=True, kw_only=True)
+class NeuronXOptions:
+    """neuronx-distributed-inference on AWS Trainium / Inferentia2 (engines/neuronx/)."""
+
+    dtype: str = _opt(_DTYPE)
+    tensor_parallel_degree: int | str = _opt(_TP)
+    max_rolling_batch_size: int = opt("option.max_rolling_batch_size", 4,
+                                      "batch_size the model is compiled for",
+                                      env=("MAX_BATCH_SIZE",), minimum=1)
+    n_positions: int = opt("option.n_positions", 2048, "seq_len the model is compiled for",
+                           minimum=1)
+    neuronx_compiled_path: str | None = opt(
+        "option.neuronx_compiled_path", None, "where the compiled model is kept (compiled there "
+        "on first load)", default_text="<model dir>/neuronx-compiled")
+
+    def engine_kwargs(self) -> dict[str, Any]:
+        assert isinstance(self.tensor_parallel_degree, int), "TP max is resolved at selection"
+        return dict(dtype=self.dtype, tp_degree=self.tensor_parallel_degree,
+                    batch_size=self.max_rolling_batch_size, seq_len=self.n_positions,
+                    compiled_path=self.neuronx_compiled_path)
+
+
 ENGINE_OPTIONS: dict[str, type] = {"native": NativeOptions, "hf": HFOptions,
-                                   "deepspeed": DeepSpeedOptions}
+                                   "deepspeed": DeepSpeedOptions, "vllm": VLLMOptions,
+                                   "trtllm": TRTLLMOptions, "neuronx": NeuronXOptions}
 
 # Every option.* key the default LLM handler and its engines may read.
 LLM_OPTION_KEYS = frozenset().union(
@@ -545,7 +639,9 @@ def all_env_vars() -> dict[str, str]:
 
 _TABLES = (("Server (environment)", ServerOptions), ("Per model, front end", ServingOptions),
            ("Default LLM handler", HandlerOptions), ("native engine", NativeOptions),
-           ("hf engine", HFOptions), ("deepspeed engine", DeepSpeedOptions))
+           ("hf engine", HFOptions), ("deepspeed engine", DeepSpeedOptions),
+           ("vllm engine", VLLMOptions), ("trtllm engine", TRTLLMOptions),
+           ("neuronx engine", NeuronXOptions))
 
 
 def _default_text(f: FieldSpec) -> str:

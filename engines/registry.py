@@ -18,6 +18,9 @@ _ENGINES: dict[str, str] = {
     "deepspeed": "engines.deepspeed.engine:DeepSpeedEngine",
     "hf": "engines.hf.engine:HFEngine",
     "native": "engines.native.loop:start_native_engine",
+    "neuronx": "engines.neuronx.engine:NeuronXEngine",
+    "trtllm": "engines.trtllm.engine:TRTLLMEngine",
+    "vllm": "engines.vllm.engine:VLLMEngine",
 }
 
 

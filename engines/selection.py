@@ -4,8 +4,9 @@ the model's config.json, never its weights).
 LMI's `option.rolling_batch`: auto (default) and our own `native` (also under LMI's names
 `lmi-dist` and `scheduler`) pick the native continuous-batching engine when it supports the
 architecture, else the `hf` engine with a log line saying why; `disable` (or batch_size > 1,
-which means dynamic batching) picks `hf`. Engines that are not part of this build are a clear
-startup error rather than a silent substitute.
+which means dynamic batching) picks `hf`. `vllm`, `trtllm` and `neuronx` pick those
+engines; without their package (or device) that is a startup error naming both, never a silent
+substitute.
 
 `engine=DeepSpeed` (serving.properties) or `option.rolling_batch=deepspeed` picks the `deepspeed`
 engine (HF model, DeepSpeed AutoTP over the worker group, static batches).
@@ -24,13 +25,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from engines.options import (ENGINE_OPTIONS, NOT_IN_THIS_BUILD, ConfigError, DeepSpeedOptions, HandlerOptions,
-                             HFOptions, NativeOptions, ServingOptions, Setting, parse_options,
-                             to_wire)
+from engines.options import (ENGINE_OPTIONS, ConfigError, DeepSpeedOptions, HandlerOptions,
+                             HFOptions, NativeOptions, NeuronXOptions, ServingOptions, Setting,
+                             TRTLLMOptions, VLLMOptions, parse_options, to_wire)
 
 log = logging.getLogger("lmc.engines")
 
-EngineOptions = NativeOptions | HFOptions | DeepSpeedOptions
+# option.rolling_batch values served by an engine from another project's package.
+EXTERNAL_ENGINES = ("vllm", "trtllm", "neuronx")
+
+EngineOptions = (NativeOptions | HFOptions | DeepSpeedOptions | VLLMOptions | TRTLLMOptions
+                 | NeuronXOptions)
 
 
 @dataclass(frozen=True)
@@ -92,9 +97,14 @@ def select_engine(model_dir: str, handler: HandlerOptions, settings: Mapping[str
                               f"engine")
         why = "engine=DeepSpeed" if rolling != "deepspeed" else "option.rolling_batch=deepspeed"
         return _choice("deepspeed", model_dir, settings, why, tensor_parallel_degree=tp)
-    if rolling in NOT_IN_THIS_BUILD:
-        raise ConfigError(f"option.rolling_batch={rolling} needs an engine that is not part of "
-                          f"this build; use auto, native (alias lmi-dist) or disable")
+    if rolling in EXTERNAL_ENGINES:
+        # vLLM, TensorRT-LLM, NeuronX: their own package (and device) or a startup error that
+        # names both (engines/backends/requirements.py).
+        from engines.backends.requirements import check_available
+
+        check_available(rolling, cuda=cuda)
+        return _choice(rolling, model_dir, settings, f"option.rolling_batch={rolling}",
+                       tensor_parallel_degree=tp)
     if batch_size > 1:
         return _hf(model_dir, settings, "batch_size > 1 selects dynamic batching", tp)
     if rolling == "disable":

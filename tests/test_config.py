@@ -209,7 +209,7 @@ def test_mistyped_llm_option_fails_for_the_default_handler(tmp_path):
     write(tmp_path, "option.dtype=fp32\n")
     # option.quantize is the native engine's; this model (no architecture) gets hf.
     with pytest.raises(ConfigError, match=r"option.quantize='awq' \(from environment variable "
-                                          r"OPTION_QUANTIZE\) is read by the native engine"):
+                                          r"OPTION_QUANTIZE\) is read by the native, vllm engines"):
         load_model_config("m", tmp_path, env={"OPTION_QUANTIZE": "awq"})
 
 

@@ -56,7 +56,10 @@ def test_the_plan_is_typed_and_survives_the_wire(llama):
      r"option.attention_backend='flash' is not one of auto, triton, torch"),
     ("option.dtype=int4", r"option.dtype='int4' is not one of auto, fp32, fp16, bf16"),
     ("option.rolling_batch=paged", r"option.rolling_batch='paged' is not one of auto, native"),
-    ("option.rolling_batch=vllm", r"option.rolling_batch=vllm needs an engine that is not part"),
+    ("option.rolling_batch=trtllm", r"option.rolling_batch=trtllm needs the tensorrt_llm "
+                                    r"package and an NVIDIA GPU; missing here"),
+    ("option.rolling_batch=neuronx", r"option.rolling_batch=neuronx needs the neuronx-"
+                                     r"distributed-inference package and an AWS Neuron device"),
 ])
 def test_bad_values_fail_at_startup_naming_key_value_and_source(llama, line, needle):
     with pytest.raises(ConfigError, match=needle):
@@ -74,12 +77,12 @@ def test_a_key_the_chosen_engine_does_not_read_fails(llama):
         config(llama, "option.rolling_batch=disable\noption.enforce_eager=true\n")
     msg = str(e.value)
     assert "option.enforce_eager='true'" in msg and "serving.properties line 2" in msg
-    assert "read by the native engine" in msg and "served by the hf engine" in msg
+    assert "read by the native, vllm engines" in msg and "served by the hf engine" in msg
     assert "option.rolling_batch=disable" in msg  # why hf was chosen
     # The same from the environment, with dynamic batching choosing hf.
     with pytest.raises(ConfigError, match=r"option.max_rolling_batch_size='64' \(from "
                                           r"environment variable MAX_BATCH_SIZE\) is read by the "
-                                          r"native engine.*batch_size > 1"):
+                                          r"native, vllm, trtllm, neuronx engines.*batch_size > 1"):
         config(llama, "batch_size=4\n", env={"MAX_BATCH_SIZE": "64"})
 
 

@@ -1,0 +1,1 @@
+"""option.rolling_batch=vllm: vLLM's own async engine in the worker process (engine.py)."""
