@@ -2,7 +2,7 @@
 tokens per second of vLLM's own offline `LLM.generate` (--mode offline), or of LMC's vllm engine
 (engines/vllm/engine.py, AsyncLLM behind LMC's contract; --mode lmc), on prompts given as token
 ids in a JSON file. Greedy, EOS ignored, every request producing exactly --output-len tokens;
-one small warm-up call first. Prints one JSON line.
+one small warm-up call, then --repeats timed calls. Prints one JSON line (tok/s of each).
 
     .venv-vllm/bin/python benchmarks/vllm_offline.py --mode offline --model-dir DIR --prompts F
 """
@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 
-def offline(model_dir: str, prompts: list[list[int]], output_len: int, kv_gb: int) -> float:
+def offline(model_dir: str, prompts: list[list[int]], output_len: int, kv_gb: int,
+            repeats: int) -> list[float]:
     from engines.vllm.engine import _cpu_env
 
     _cpu_env(kv_gb)  # the same CPU settings LMC's vllm engine uses
@@ -36,15 +36,18 @@ def offline(model_dir: str, prompts: list[list[int]], output_len: int, kv_gb: in
 
     llm.generate([TokensPrompt(prompt_token_ids=p[:8]) for p in prompts[:2]], params(4),
                  use_tqdm=False)
-    t = time.perf_counter()
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params(output_len),
-                        use_tqdm=False)
-    elapsed = time.perf_counter() - t
-    assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
-    return len(prompts) * output_len / elapsed
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts],
+                            params(output_len), use_tqdm=False)
+        runs.append(len(prompts) * output_len / (time.perf_counter() - t))
+        assert all(len(o.outputs[0].token_ids) == output_len for o in outs)
+    return runs
 
 
-def lmc(model_dir: str, prompts: list[list[int]], output_len: int, kv_gb: int) -> float:
+def lmc(model_dir: str, prompts: list[list[int]], output_len: int, kv_gb: int,
+        repeats: int) -> list[float]:
     from engines.types import SamplingParams
     from engines.vllm.engine import VLLMEngine
 
@@ -56,12 +59,14 @@ def lmc(model_dir: str, prompts: list[list[int]], output_len: int, kv_gb: int) -
     engine.generate([p[:8] for p in prompts[:2]], [warm] * 2)
     params = SamplingParams(max_new_tokens=output_len, min_new_tokens=output_len,
                             ignore_eos_token=True)
-    t = time.perf_counter()
-    results = engine.generate(prompts, [params] * len(prompts))
-    elapsed = time.perf_counter() - t
-    assert all(len(r.token_ids) == output_len for r in results)
+    runs = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        results = engine.generate(prompts, [params] * len(prompts))
+        runs.append(len(prompts) * output_len / (time.perf_counter() - t))
+        assert all(len(r.token_ids) == output_len for r in results)
     engine.shutdown()
-    return len(prompts) * output_len / elapsed
+    return runs
 
 
 def main() -> int:
@@ -71,12 +76,13 @@ def main() -> int:
     ap.add_argument("--prompts", required=True, help="JSON list of token-id lists")
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--kv-cache-gb", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3, help="timed calls (after one warm-up)")
     args = ap.parse_args()
     prompts = json.loads(Path(args.prompts).read_text())
     run = offline if args.mode == "offline" else lmc
-    tok_s = run(args.model_dir, prompts, args.output_len, args.kv_cache_gb)
-    print(json.dumps({"mode": args.mode, "out_tok_s": tok_s}), flush=True)
-    os._exit(0)  # vLLM's exit handlers can wait on its killed engine-core process
+    runs = run(args.model_dir, prompts, args.output_len, args.kv_cache_gb, args.repeats)
+    print(json.dumps({"mode": args.mode, "out_tok_s": runs}), flush=True)
+    return 0
 
 
 if __name__ == "__main__":

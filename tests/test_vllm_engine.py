@@ -132,6 +132,17 @@ def test_min_tokens_and_ignore_eos_reach_vllm(server):
     assert body["details"]["generated_tokens"] == 40
 
 
+def test_a_request_past_the_context_is_a_400_and_one_that_fills_it_ends_with_length(
+        server, hf):
+    prompt = "The quick brown fox jumps over the lazy dog. " * 3
+    room = 256 - len(hf.encode(prompt))  # vLLM's max_model_len is the model's 256
+    r = server.post("/invocations", {"inputs": prompt, "parameters": {"max_new_tokens": 250}})
+    assert r.status == 400 and r.json()["field"] == "max_new_tokens"
+    body = invoke(server, prompt, max_new_tokens=room, min_new_tokens=room, details=True)
+    assert body["details"]["generated_tokens"] == room
+    assert body["details"]["finish_reason"] == "length"
+
+
 def test_unsupported_parameter_is_a_400_naming_it(server):
     r = server.post("/invocations", {"inputs": "Hello", "parameters": {"typical_p": 0.5}})
     assert r.status == 400

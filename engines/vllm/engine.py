@@ -143,8 +143,13 @@ class VLLMEngine(TokenizerMixin):
         ids = [prompt_ids(p, sp, encode=self.encode, vocab_size=self.vocab_size,
                           max_context=self.max_context) for p, sp in zip(prompts, params)]
         # Mapped before anything is queued: an unsupported parameter is the caller's 400.
-        vparams = [VSamplingParams(**vllm_sampling_kwargs(p),
-                                   output_kind=RequestOutputKind.DELTA) for p in params]
+        vparams = []
+        for p, prompt in zip(params, ids):
+            kw = vllm_sampling_kwargs(p)
+            # As on the other engines, a sequence stops when the context is full (LENGTH).
+            kw["max_tokens"] = min(kw["max_tokens"], self.max_context - len(prompt))
+            kw["min_tokens"] = min(kw["min_tokens"], kw["max_tokens"])
+            vparams.append(VSamplingParams(**kw, output_kind=RequestOutputKind.DELTA))
         return self._stream(ids, params, vparams)
 
     def _stream(self, ids: list[list[int]], params: list[SamplingParams],
