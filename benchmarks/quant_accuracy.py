@@ -26,7 +26,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-DEFAULT_METHODS = ("bf16", "fp16", "int8", "int4", "int4_g64", "int4_g128")
+DEFAULT_METHODS = ("fp16", "bf16", "int8", "int4", "int4_g64")
 
 
 @torch.inference_mode()
@@ -64,7 +64,9 @@ def load(model_dir: str, quantize: str | None):
                       quantize=quantize)
 
 
-def measure(model_dir: str, windows: list[list[int]], methods) -> dict[str, dict[str, float]]:
+def measure(model_dir: str, windows: list[list[int]], methods,
+            on_result=None) -> dict[str, dict[str, float]]:
+    """fp32 and each method's figures; on_result(method, figures) as each one is done."""
     ref_model = load(model_dir, None)
     reference = [window_log_probs(ref_model, w) for w in windows]
     ref_nll = -sum(r[torch.arange(len(w) - 1), torch.tensor(w[1:])].sum().item()
@@ -72,6 +74,8 @@ def measure(model_dir: str, windows: list[list[int]], methods) -> dict[str, dict
     n = sum(len(w) - 1 for w in windows)
     out = {"fp32": {"mean_abs_dlogprob": 0.0, "top1_agreement": 1.0, "positions": n,
                     "nll": ref_nll / n}}
+    if on_result:
+        on_result("fp32", out["fp32"])
     del ref_model
     for m in methods:
         model = load(model_dir, m)
@@ -79,6 +83,8 @@ def measure(model_dir: str, windows: list[list[int]], methods) -> dict[str, dict
         nll = -sum(g[torch.arange(len(w) - 1), torch.tensor(w[1:])].sum().item()
                    for g, w in zip(got, windows))
         out[m] = {**compare(reference, got, windows), "nll": nll / n}
+        if on_result:
+            on_result(m, out[m])
         del model
     return out
 
@@ -105,14 +111,16 @@ def main() -> int:
     tok = AutoTokenizer.from_pretrained(model_dir)
     windows = text_windows(tok, Path(args.text).read_text(), args.window, args.max_windows)
     t0 = time.perf_counter()
-    res = measure(model_dir, windows, args.methods)
-    print(f"{Path(args.text).name}: {len(windows)} windows of {args.window} tokens "
-          f"({res['fp32']['positions']} positions), {time.perf_counter() - t0:.0f} s")
+    print(f"{Path(args.text).name}: {len(windows)} windows of {args.window} tokens")
     print("| method | mean abs Δ log-prob | top-1 agreement | NLL (nats/token) |")
-    print("| --- | --- | --- | --- |")
-    for m, r in res.items():
+    print("| --- | --- | --- | --- |", flush=True)
+
+    def row(m: str, r: dict) -> None:
         print(f"| {m} | {r['mean_abs_dlogprob']:.4f} | {100 * r['top1_agreement']:.1f}% "
-              f"| {r['nll']:.3f} |")
+              f"| {r['nll']:.3f} |", flush=True)
+
+    res = measure(model_dir, windows, args.methods, on_result=row)
+    print(f"{res['fp32']['positions']} positions, {time.perf_counter() - t0:.0f} s")
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0
