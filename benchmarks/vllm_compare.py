@@ -134,6 +134,8 @@ def main() -> int:
     ap.add_argument("--input-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per row (best counts)")
+    ap.add_argument("--rows", nargs="+", metavar="ROW",
+                    help="only these rows, e.g. --rows 'vllm offline' 'vllm served'")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     if args.model_dir:
@@ -156,16 +158,17 @@ def main() -> int:
              "native served": lambda: served("native", model_dir, texts, n, rep)}
     runs: dict[str, list[float]] = {}
     for name, fn in steps.items():
+        if args.rows and name not in args.rows:
+            continue
         runs[name] = fn()
         print(f"{name:14s}: best {max(runs[name]):7.1f} out tok/s  (runs: "
               f"{', '.join(f'{x:.1f}' for x in runs[name])})", flush=True)
     # Best of the repeats: on a shared machine the least-disturbed run is the engine's speed.
     r = {k: max(v) for k, v in runs.items()}
-    print(f"vllm served / vllm offline : {r['vllm served'] / r['vllm offline']:.3f} "
-          f"(LMC's serving overhead {1 - r['vllm served'] / r['vllm offline']:+.1%})")
-    print(f"vllm engine / vllm offline : {r['vllm engine'] / r['vllm offline']:.3f}")
-    print(f"vllm engine / native engine: {r['vllm engine'] / r['native engine']:.3f}")
-    print(f"vllm served / native served: {r['vllm served'] / r['native served']:.3f}")
+    for a, b in [("vllm served", "vllm offline"), ("vllm engine", "vllm offline"),
+                 ("vllm engine", "native engine"), ("vllm served", "native served")]:
+        if a in r and b in r:
+            print(f"{a} / {b}: {r[a] / r[b]:.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"config": vars(args), "runs": runs}, indent=2))
     return 0
