@@ -29,7 +29,8 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 CPU_METHODS = ("int8", "int4", "int4_g64", "bf16", "fp16")
 
 # Bounds against fp32: mean |Δ log-prob| of the next token, least top-1 agreement. SmolLM2 on
-# README.md's first 512 tokens measured (benchmarks/quant_accuracy.py --max-windows 1): fp16
+# README.md's first 512 tokens measured (benchmarks/quant_accuracy.py --max-windows 1; the
+# test reads the first 256, int4_g64 0.78 / 65% there): fp16
 # 0.0025 / 99.6%, bf16 0.034 / 97.5%, int8 0.079 / 94.5%, int4 0.041 / 97.5%, int4_g64
 # 0.7-0.8 / ~65% (the checkpoint is on a Q4_1 grid of 32; groups of 64 straddle two).
 SMOLLM2_BOUNDS = {"fp16": (0.01, 0.98), "bf16": (0.07, 0.94), "int8": (0.15, 0.90),
@@ -176,6 +177,7 @@ def test_fp8_on_gpu_close_to_bf16():
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(900)  # torch's int4/int8 CPU kernels are slow at prefill (see README)
 def test_smollm2_on_readme_within_bounds():
     from transformers import AutoTokenizer
 
@@ -183,7 +185,7 @@ def test_smollm2_on_readme_within_bounds():
 
     path = str(prepare_default_model(progress=False))
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    windows = text_windows(AutoTokenizer.from_pretrained(path), text, 512, 1)
+    windows = text_windows(AutoTokenizer.from_pretrained(path), text, 256, 1)
     res = measure(path, windows, list(SMOLLM2_BOUNDS))
     for method, (bound, least) in SMOLLM2_BOUNDS.items():
         assert res[method]["mean_abs_dlogprob"] < bound, (method, res[method])
