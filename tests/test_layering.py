@@ -24,6 +24,8 @@ FRONT_END_ENGINE_MODULES = {
     "engines.selection", "engines.types", "engines.native", "engines.native.spec",
     "engines.sources", "engines.sources.errors", "engines.sources.hub",
     "engines.sources.archive", "engines.sources.s3",
+    # The external engines' startup checks (package, device, the vllm worker's interpreter).
+    "engines.backends", "engines.backends.requirements",
 }
 
 
@@ -66,6 +68,7 @@ def test_worker_side_imports_no_front_end():
                                     "engines.native.plan", "engines.contracts.protocol",
                                     "engines.options", "engines.selection", "engines.detokenizer",
                                     "engines.sources.s3", "engines.sources.archive",
-                                    "engines.sources.hub"])
+                                    "engines.sources.hub", "engines.backends.requirements",
+                                    "engines.backends.params"])
 def test_pure_python_modules_never_import_torch(module):
     assert not ours(imported_after(module), "torch")
