@@ -69,25 +69,26 @@ def check_available(engine: str, *, cuda: bool) -> None:
                 f"(creates .venv-vllm) or set LMC_VLLM_PYTHON to a python with vllm installed")
         return
     if engine == "trtllm":
-        missing = [what for what, ok in (
+        _refuse_missing("trtllm", "the tensorrt_llm package and an NVIDIA GPU", (
             ("the tensorrt_llm package (pip install tensorrt-llm, NVIDIA's wheels)",
              importlib.util.find_spec("tensorrt_llm") is not None),
-            ("an NVIDIA GPU with CUDA", cuda)) if not ok]
-        if missing:
-            raise ConfigError(f"option.rolling_batch=trtllm needs the tensorrt_llm package and "
-                              f"an NVIDIA GPU; missing here: {' and '.join(missing)}. Use "
-                              f"option.rolling_batch=vllm, native or disable on this machine")
+            ("an NVIDIA GPU with CUDA", cuda)))
         return
     if engine == "neuronx":
-        missing = [what for what, ok in (
-            ("the neuronx-distributed-inference package (AWS Neuron SDK)",
-             importlib.util.find_spec("neuronx_distributed_inference") is not None),
-            ("an AWS Trainium or Inferentia2 device (/dev/neuron*)", bool(_neuron_devices())))
-            if not ok]
-        if missing:
-            raise ConfigError(f"option.rolling_batch=neuronx needs the neuronx-distributed-"
-                              f"inference package and an AWS Neuron device; missing here: "
-                              f"{' and '.join(missing)}. Use option.rolling_batch=vllm, native "
-                              f"or disable on this machine")
+        _refuse_missing("neuronx", "the neuronx-distributed-inference package and an AWS Neuron "
+                        "device", (
+                            ("the neuronx-distributed-inference package (AWS Neuron SDK)",
+                             importlib.util.find_spec("neuronx_distributed_inference") is not None),
+                            ("an AWS Trainium or Inferentia2 device (/dev/neuron*)",
+                             bool(_neuron_devices()))))
         return
     raise AssertionError(f"no requirements known for engine {engine!r}")
+
+
+def _refuse_missing(engine: str, needs: str, checks) -> None:
+    """ConfigError listing what of `checks` ((what, present) pairs) this machine lacks."""
+    missing = [what for what, present in checks if not present]
+    if missing:
+        raise ConfigError(f"option.rolling_batch={engine} needs {needs}; missing here: "
+                          f"{' and '.join(missing)}. Use option.rolling_batch=vllm, native or "
+                          f"disable on this machine")
