@@ -292,3 +292,13 @@ def collect_results(stream: Iterable[list[TokenEvent]], params: Sequence[Samplin
             prompt_tokens=prompt_tokens[i], tokens=tokens[i], top_tokens=top_tokens[i],
             prefill=prefills[i]))
     return results
+
+
+class GenerateFromStream:
+    """`generate` for an engine that streams: its `generate_stream`, collected into results.
+    The engine gives `count_tokens` (the prompt lengths the results report)."""
+
+    def generate(self, prompts: list[str | list[int]], params: list[SamplingParams],
+                 adapters: list[str | None] | None = None) -> list[GenerationResult]:
+        lens = [len(p) if isinstance(p, list) else self.count_tokens(p) for p in prompts]
+        return collect_results(self.generate_stream(prompts, params, adapters), params, lens)

@@ -36,7 +36,7 @@ from engines.contracts.metrics import BATCH_BUCKETS, Histogram
 from engines.lora.api import LoraApi
 from engines.lora.store import AdapterRecord
 from engines.prompt import prompt_ids
-from engines.types import GenerationResult, SamplingParams, TokenEvent, collect_results
+from engines.types import GenerateFromStream, SamplingParams, TokenEvent
 
 log = logging.getLogger("lmc.native")
 
@@ -89,7 +89,7 @@ class RequestFailed:
     error: BaseException
 
 
-class EngineLoop(LoraApi):
+class EngineLoop(GenerateFromStream, LoraApi):
     """Wraps a NativeEngine; the engine object must only be stepped by this loop's thread.
     On a tensor-parallel follower (rank > 0) no thread runs: call `follow()`."""
 
@@ -183,12 +183,6 @@ class EngineLoop(LoraApi):
         finally:
             for key in pending:  # closed early or failed: free the engine's resources
                 self._commands.put(AbortRequest(key))
-
-    def generate(self, prompts: list[str | list[int]], params: list[SamplingParams],
-                 adapters: list[str | None] | None = None) -> list[GenerationResult]:
-        stream = self.generate_stream(prompts, params, adapters)
-        prompt_lens = [len(p) if isinstance(p, list) else self.count_tokens(p) for p in prompts]
-        return collect_results(stream, params, prompt_lens)
 
     # -- LoRA adapters (any thread; engines/lora/api.py): slots change on the loop thread ------
 

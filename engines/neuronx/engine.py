@@ -19,13 +19,12 @@ from engines.backends.params import neuronx_sampling_kwargs
 from engines.contracts.engine import Capabilities
 from engines.prompt import prompt_ids
 from engines.tokenizing import TokenizerMixin
-from engines.types import (FinishReason, GenerationResult, SamplingParams, TokenEvent,
-                           collect_results)
+from engines.types import FinishReason, GenerateFromStream, SamplingParams, TokenEvent
 
 _DTYPES = {"auto": "bfloat16", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-class NeuronXEngine(TokenizerMixin):
+class NeuronXEngine(GenerateFromStream, TokenizerMixin):
     capabilities = Capabilities()  # one static batch per call, as the hf engine
 
     def __init__(self, model_dir: str, *, dtype: str = "auto", tp_degree: int = 1,
@@ -60,11 +59,6 @@ class NeuronXEngine(TokenizerMixin):
         self.vocab_size = config.vocab_size
         eos = self.tokenizer.eos_token_id
         self.eos_token_ids = frozenset([eos] if eos is not None else [])
-
-    def generate(self, prompts: list[str | list[int]], params: list[SamplingParams],
-                 adapters: list[str | None] | None = None) -> list[GenerationResult]:
-        lens = [len(p) if isinstance(p, list) else self.count_tokens(p) for p in prompts]
-        return collect_results(self.generate_stream(prompts, params, adapters), params, lens)
 
     def generate_stream(self, prompts: list[str | list[int]], params: list[SamplingParams],
                         adapters: list[str | None] | None = None) -> Iterator[list[TokenEvent]]:

@@ -21,13 +21,12 @@ from engines.backends.params import trtllm_sampling_kwargs
 from engines.contracts.engine import Capabilities
 from engines.prompt import prompt_ids
 from engines.tokenizing import TokenizerMixin
-from engines.types import (FinishReason, GenerationResult, SamplingParams, Token, TokenEvent,
-                           collect_results)
+from engines.types import FinishReason, GenerateFromStream, SamplingParams, Token, TokenEvent
 
 _DTYPES = {"auto": "auto", "fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
 
-class TRTLLMEngine(TokenizerMixin):
+class TRTLLMEngine(GenerateFromStream, TokenizerMixin):
     def __init__(self, model_dir: str, *, dtype: str = "auto", tensor_parallel_size: int = 1,
                  max_batch_size: int = 64, max_seq_len: int | None = None,
                  enable_block_reuse: bool = True) -> None:
@@ -112,10 +111,6 @@ class TRTLLMEngine(TokenizerMixin):
             for i in pending:
                 if i in handles:
                     handles[i].abort()
-
-    def generate(self, prompts, params, adapters=None) -> list[GenerationResult]:
-        lens = [len(p) if isinstance(p, list) else self.count_tokens(p) for p in prompts]
-        return collect_results(self.generate_stream(prompts, params, adapters), params, lens)
 
     def follow(self) -> None:
         raise RuntimeError("TensorRT-LLM runs its own tensor-parallel workers")

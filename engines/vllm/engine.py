@@ -28,8 +28,7 @@ from engines.backends.params import vllm_sampling_kwargs
 from engines.contracts.engine import Capabilities
 from engines.prompt import prompt_ids
 from engines.tokenizing import TokenizerMixin
-from engines.types import (FinishReason, GenerationResult, SamplingParams, Token, TokenEvent,
-                           collect_results)
+from engines.types import FinishReason, GenerateFromStream, SamplingParams, Token, TokenEvent
 
 log = logging.getLogger("lmc.vllm")
 
@@ -60,7 +59,7 @@ def _cpu_env(kv_cache_gb: float | None) -> None:
         os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"{cores[0]}-{cores[-1]}")
 
 
-class VLLMEngine(TokenizerMixin):
+class VLLMEngine(GenerateFromStream, TokenizerMixin):
     """`AsyncLLM` over a local HF model dir. Keyword arguments are vLLM's engine arguments as
     engines/options.py's VLLMOptions resolves them."""
 
@@ -254,12 +253,6 @@ class VLLMEngine(TokenizerMixin):
         assert len(logprobs) == len(ids), (len(logprobs), len(ids))
         for tid, lp in zip(ids, logprobs):
             yield self._token(tid, lp[tid].logprob if lp and tid in lp else None)
-
-    def generate(self, prompts: list[str | list[int]], params: list[SamplingParams],
-                 adapters: list[str | None] | None = None) -> list[GenerationResult]:
-        stream = self.generate_stream(prompts, params, adapters)
-        lens = [len(p) if isinstance(p, list) else self.count_tokens(p) for p in prompts]
-        return collect_results(stream, params, lens)
 
     def follow(self) -> None:
         raise RuntimeError("vLLM runs its own tensor-parallel workers; there is no follower")
