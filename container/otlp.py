@@ -25,6 +25,7 @@ import gzip
 import http.client
 import json
 import logging
+import os
 import ssl
 import struct
 import sys
@@ -160,8 +161,6 @@ def resource_attributes(env: Mapping[str, str]) -> dict:
     from opentelemetry.sdk.resources import SERVICE_NAME, SERVICE_VERSION, Resource
 
     saved = {}
-    import os
-
     if env is not os.environ:  # Resource.create reads os.environ: show it `env`'s values
         for var in ("OTEL_SERVICE_NAME", "OTEL_RESOURCE_ATTRIBUTES"):
             saved[var] = os.environ.get(var)
