@@ -31,7 +31,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engines.options import QUANTIZE_METHODS  # noqa: E402
+from engines.options import CPU_MATMUL, QUANTIZE_METHODS  # noqa: E402
 
 # Random-weight configs for speed runs where no checkpoint is needed (e.g. on a GPU).
 RANDOM_CONFIGS = {
@@ -87,7 +87,7 @@ def run_hf(model_dir: Path, prompts: list[list[int]], output_len: int, dtype, de
 def run_native(model_dir: Path, prompts: list[list[int]], output_len: int, dtype_name: str,
                device, max_num_seqs: int, *, attention_backend: str = "auto",
                cuda_graphs: bool | None = None, profile: int = 0,
-               quantize: str | None = None) -> tuple[float, dict]:
+               quantize: str | None = None, cpu_matmul: str = "auto") -> tuple[float, dict]:
     from engines.native.engine import NativeEngine
     from engines.types import SamplingParams
 
@@ -95,7 +95,7 @@ def run_native(model_dir: Path, prompts: list[list[int]], output_len: int, dtype
                           max_num_seqs=max_num_seqs, max_num_batched_tokens=8192,
                           kv_cache_gb=None if device.type == "cuda" else 4.0,
                           attention_backend=attention_backend, cuda_graphs=cuda_graphs,
-                          quantize=quantize)
+                          quantize=quantize, cpu_matmul=cpu_matmul)
     warm = SamplingParams(max_new_tokens=4, ignore_eos_token=True)
     warm_prompts = [p[:8] for p in prompts[:2]]  # one with --num-prompts 1
     engine.generate(warm_prompts, [warm] * len(warm_prompts))
@@ -108,7 +108,8 @@ def run_native(model_dir: Path, prompts: list[list[int]], output_len: int, dtype
     assert all(len(r.token_ids) == output_len for r in results)
     info = {"steps_preempted": engine.scheduler.num_preemptions,
             "kv_blocks": engine.block_manager.num_blocks,
-            "attention": engine.runner.attention, "cuda_graphs": engine.runner.graphs is not None}
+            "attention": engine.runner.attention, "cuda_graphs": engine.runner.graphs is not None,
+            "cpu_matmul": engine.model.cpu_matmul}
     if profile:
         print_profile(engine, prompts, params, device, profile)
     return len(prompts) * output_len / elapsed, info
@@ -150,6 +151,8 @@ def main() -> int:
                     help="native engine without CUDA graphs (option.enforce_eager)")
     ap.add_argument("--quantize", choices=QUANTIZE_METHODS,
                     help="native engine weight quantization (option.quantize); HF stays fp32")
+    ap.add_argument("--cpu-matmul", choices=CPU_MATMUL, default="auto",
+                    help="native engine CPU matmuls of unquantized weights (option.cpu_matmul)")
     ap.add_argument("--profile", type=int, default=0, metavar="ROWS",
                     help="rerun the native workload under torch.profiler, print the top ROWS ops")
     ap.add_argument("--json", help="also write the results here")
@@ -180,7 +183,8 @@ def main() -> int:
                               max_num_seqs=max(args.num_prompts, 1),
                               attention_backend=args.attention_backend,
                               cuda_graphs=False if args.enforce_eager else None,
-                              profile=args.profile, quantize=args.quantize)
+                              profile=args.profile, quantize=args.quantize,
+                              cpu_matmul=args.cpu_matmul)
     result["native_out_tok_s"] = native
     print(f"native engine      : {native:8.1f} out tok/s  {info}", flush=True)
     if not args.skip_hf:

@@ -371,6 +371,8 @@ class HandlerOptions:
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 # option.quantize of the native engine (engines/native/quant.py says what each one stores).
+# option.cpu_matmul of the native engine: how unquantized CPU weights are multiplied.
+CPU_MATMUL = ("auto", "onednn", "torch")
 QUANTIZE_METHODS = ("int8", "int4", "int4_g64", "int4_g128", "bf16", "fp16", "fp8")
 _DTYPE = dict(key="option.dtype", default="auto",
               meaning="auto | fp32 | fp16 | bf16 (auto: fp32 on CPU, the checkpoint's on GPU)",
@@ -438,6 +440,11 @@ class NativeOptions:
         "low-bit weights (engines/native/quant.py): int8 (per channel), int4 (groups of 32; "
         "int4_g64, int4_g128), fp16 (fp32 compute), bf16 (bf16 GEMM, fp32 accumulation); "
         "fp8 on GPU (int8 maps to it there)", choices=QUANTIZE_METHODS)
+    cpu_matmul: str = opt(
+        "option.cpu_matmul", "auto",
+        "CPU matmuls of unquantized fp32/bf16 weights: onednn (weights reordered once into "
+        "oneDNN's layout; what auto picks where torch has oneDNN) or torch (x @ W, MKL)",
+        choices=CPU_MATMUL)
 
     def engine_kwargs(self) -> dict[str, Any]:
         """NativeEngine's constructor arguments."""
@@ -458,6 +465,8 @@ class NativeOptions:
         kw.update(_lora_kwargs(self))
         if self.quantize is not None:
             kw["quantize"] = self.quantize
+        if self.cpu_matmul != "auto":
+            kw["cpu_matmul"] = self.cpu_matmul
         return kw
 
 

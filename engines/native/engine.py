@@ -73,7 +73,8 @@ class NativeEngine(TokenizerMixin):
                  enable_prefix_caching: bool = True, tp_size: int = 1,
                  attention_backend: str = "auto", cuda_graphs: bool | None = None,
                  enable_lora: bool = False, max_loras: int = 4, max_cpu_loras: int | None = None,
-                 max_lora_rank: int = 16, quantize: str | None = None) -> None:
+                 max_lora_rank: int = 16, quantize: str | None = None,
+                 cpu_matmul: str = "auto") -> None:
         from transformers import AutoTokenizer
 
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -97,7 +98,7 @@ class NativeEngine(TokenizerMixin):
         self.quantize = resolve_method(quantize, self.device) if quantize else None
         self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
         self.model = LlamaModel(path, dtype=self.dtype, device=self.device, tp=self.tp,
-                                quantize=self.quantize)
+                                quantize=self.quantize, cpu_matmul=cpu_matmul)
         self.max_context = spec.max_position_embeddings
         self.vocab_size = spec.vocab_size
         self.eos_token_ids = self._eos_ids(cfg, path)
@@ -145,7 +146,9 @@ class NativeEngine(TokenizerMixin):
         self._stopped = False
         log.info("native engine: %s %s%s on %s, %d KV blocks of %d tokens, %s decode attention"
                  "%s%s%s", spec.architecture, self.dtype,
-                 f" ({self.quantize} weights)" if self.quantize else "", self.device,
+                 f" ({self.quantize} weights)" if self.quantize else
+                 f" ({self.model.cpu_matmul} matmuls)" if self.device.type == "cpu" else "",
+                 self.device,
                  num_blocks, block_size,
                  self.runner.attention, ", CUDA graphs" if self.runner.graphs else "",
                  f", tensor-parallel rank {self.tp.rank} of {self.tp.size}" if self.tp else "",

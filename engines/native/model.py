@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from engines.native.quant import matmul, quantize_linear
+from engines.native.quant import (CPU_MATMUL, OneDnnLinear, matmul, onednn_available,
+                                  onednn_serves, quantize_linear)
 from engines.native.spec import UnsupportedModel, read_spec
 
 if TYPE_CHECKING:
@@ -89,7 +90,8 @@ class LlamaModel:
     tensors keep the hot loop free of module-call overhead."""
 
     def __init__(self, model_dir: str | Path, *, dtype: torch.dtype, device: torch.device,
-                 tp: TensorParallel | None = None, quantize: str | None = None):
+                 tp: TensorParallel | None = None, quantize: str | None = None,
+                 cpu_matmul: str = "auto"):
         model_dir = Path(model_dir)
         self.spec, _ = read_spec(model_dir)
         s = self.spec
@@ -157,13 +159,29 @@ class LlamaModel:
         # [hidden, V] copy; the embedding table stays in the model dtype for the row lookup.
         self.quantize = quantize
         self.lm_head_q = None
-        if quantize is not None:
+        # option.cpu_matmul=auto|onednn (the default on CPU): unquantized fp32/bf16 weights
+        # are reordered once into oneDNN's blocked layout (quant.OneDnnLinear), the LM head
+        # into its own copy when it is tied to the embedding table.
+        if cpu_matmul not in CPU_MATMUL:
+            raise ValueError(f"option.cpu_matmul={cpu_matmul!r} is not one of "
+                             f"{', '.join(CPU_MATMUL)}")
+        self.cpu_matmul = ("onednn" if quantize is None and cpu_matmul != "torch"
+                           and onednn_serves(device, dtype) else "torch")
+        if cpu_matmul == "onednn" and self.cpu_matmul != "onednn" and quantize is None:
+            raise ValueError(f"option.cpu_matmul=onednn needs a CPU device, fp32 or bf16 "
+                             f"weights and torch built with oneDNN (here: {device.type}, "
+                             f"{dtype}, oneDNN {onednn_available()})")
+        if quantize is not None or self.cpu_matmul == "onednn":
+            def convert(w: torch.Tensor, lm_head: bool = False):
+                return (quantize_linear(w, quantize, lm_head=lm_head) if quantize is not None
+                        else OneDnnLinear(w))
+
             for layer in self.layers:
                 for name in ("qkv", "o", "gate_up", "down"):
-                    layer[name] = quantize_linear(layer[name], quantize)
-            self.lm_head_q = quantize_linear(self.lm_head.t(), quantize, lm_head=True)
+                    layer[name] = convert(layer[name])
+            self.lm_head_q = convert(self.lm_head.t(), lm_head=True)
             if self.lm_head is not self.embed:
-                self.lm_head = None  # only the quantized copy is used
+                self.lm_head = None  # only the converted copy is used
         # A weight this forward pass does not use (o_proj or MLP biases, say) would silently
         # give wrong outputs: refuse the model so the caller falls back to `hf`.
         unused = sorted(k for k in ckpt.unread if k != "lm_head.weight"

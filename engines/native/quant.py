@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import torch
 
+from engines.options import CPU_MATMUL  # noqa: F401  (model.py checks against it)
 from engines.options import QUANTIZE_METHODS as METHODS
 _INT4_GROUP = {"int4": 32, "int4_g64": 64, "int4_g128": 128}
 
@@ -104,6 +105,47 @@ class HalfLinear(Linear):
         return x @ self.w.to(x.dtype)  # [M, N]
 
 
+def onednn_available() -> bool:
+    return torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+
+
+class OneDnnLinear(Linear):
+    """A CPU weight held in oneDNN's blocked layout, reordered once at load
+    (torch.ops.mkldnn._reorder_linear_weight) and multiplied with oneDNN's matmul
+    (_linear_pointwise), the path vLLM's CPU backend takes. torch's `x @ W` goes to MKL, which
+    on the AMD CPUs measured here runs ~3x slower at 32 rows and ~1.5x slower at 1 row
+    (README, "Where the time goes"). Any M works with one packed weight; `hint` only picks the
+    blocking oneDNN tunes for.
+
+    fp32 weights: fp32 in and out, fp32 accumulation (the results differ from MKL's only in
+    summation order). bf16 weights (option.quantize=bf16, or option.dtype=bf16): the input is
+    rounded to bf16, oneDNN accumulates in fp32 and rounds its output to bf16."""
+
+    HINT = 32  # rows of a batch-32 decode step
+
+    def __init__(self, w: torch.Tensor, dtype: torch.dtype | None = None) -> None:  # w [K, N]
+        self.in_features, self.out_features = w.shape
+        wt = w.t().to(dtype or w.dtype).contiguous()  # [N, K], what oneDNN's linear takes
+        self.dtype = wt.dtype
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(wt, self.HINT)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == self.dtype:
+            return torch.ops.mkldnn._linear_pointwise(x, self.packed, None, "none", [], "")
+        y = torch.ops.mkldnn._linear_pointwise(x.to(self.dtype), self.packed, None, "none", [],
+                                               "")
+        return y.to(x.dtype)  # [M, N]
+
+    def nbytes(self) -> int:
+        return self.in_features * self.out_features * self.packed.element_size()
+
+
+def onednn_serves(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether unquantized weights of `dtype` on `device` go to OneDnnLinear."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and \
+        onednn_available()
+
+
 class Fp16Linear(Linear):
     """fp16 weights, fp32 activations and accumulation: FBGEMM's packed fp16 GEMM
     (torch.ops.quantized.linear_dynamic_fp16), which widens the weight in registers."""
@@ -173,6 +215,8 @@ def quantize_linear(w: torch.Tensor, method: str, *, lm_head: bool = False) -> L
         return Int4Linear(w, _INT4_GROUP[method])
     if method == "fp16" and w.device.type == "cpu" and _fbgemm():
         return Fp16Linear(w)
+    if method == "bf16" and w.device.type == "cpu" and onednn_available():
+        return OneDnnLinear(w, torch.bfloat16)
     if method in ("bf16", "fp16"):
         return HalfLinear(w, torch.bfloat16 if method == "bf16" else torch.float16)
     if method == "fp8":
