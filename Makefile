@@ -50,18 +50,19 @@ test: install install-vllm system-deps
 test-fast: install
 	$(PY) -m pytest -q tests -m "not e2e"
 
-# System packages from Debian: OpenMPI (mpirun launches tensor-parallel worker groups) and
-# podman (no Docker engine here) for docker/smoke-test.sh. Installed when missing and root;
-# otherwise the tests that need them skip and say why.
-SYSTEM_TOOLS := mpirun podman runc debootstrap
-SYSTEM_PACKAGES := openmpi-bin podman runc debootstrap
+# System packages from Debian: OpenMPI (mpirun launches tensor-parallel worker groups),
+# podman (no Docker engine here) for docker/smoke-test.sh, and a C++ compiler for the native
+# engine's CPU kernels (engines/native/csrc). Installed when missing and root; otherwise the
+# tests that need them skip and say why (and the engine keeps its torch attention).
+SYSTEM_TOOLS := mpirun podman runc debootstrap g++
+SYSTEM_PACKAGES := openmpi-bin podman runc debootstrap g++
 system-deps:
 	@missing=0; for t in $(SYSTEM_TOOLS); do command -v $$t >/dev/null || missing=1; done; \
 	[ $$missing = 0 ] \
 	|| { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
 	     && { apt-get update -q >/dev/null; DEBIAN_FRONTEND=noninteractive \
 	          apt-get install -y -q $(SYSTEM_PACKAGES) >/dev/null; }; } \
-	|| echo "system-deps: could not install $(SYSTEM_PACKAGES): TP and image tests will skip"
+	|| echo "system-deps: could not install $(SYSTEM_PACKAGES): TP, image and CPU-kernel tests will skip"
 
 docker-deps: system-deps
 

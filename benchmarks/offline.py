@@ -145,7 +145,7 @@ def main() -> int:
     ap.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--attention-backend", choices=["auto", "triton", "torch"], default="auto",
+    ap.add_argument("--attention-backend", choices=["auto", "triton", "torch", "cpp"], default="auto",
                     help="native engine decode attention (option.attention_backend)")
     ap.add_argument("--enforce-eager", action="store_true",
                     help="native engine without CUDA graphs (option.enforce_eager)")

@@ -11,6 +11,11 @@ tokens; each window runs as one prefill through the native engine's own forward 
 
     .venv/bin/python benchmarks/quant_accuracy.py                  # SmolLM2, README.md
     .venv/bin/python benchmarks/quant_accuracy.py --methods int8 int4 --json out.json
+
+Besides the option.quantize methods, --methods takes two whole-engine settings:
+    dtype-bf16     option.dtype=bf16: weights, activations and the KV cache all in bf16
+    matmul-torch   option.cpu_matmul=torch: fp32, x @ W through MKL instead of oneDNN (the
+                   reference's path); shows what the summation order alone moves
 """
 
 from __future__ import annotations
@@ -57,11 +62,15 @@ def compare(reference: list[torch.Tensor], other: list[torch.Tensor],
     return {"mean_abs_dlogprob": deltas / n, "top1_agreement": agree / n, "positions": n}
 
 
-def load(model_dir: str, quantize: str | None):
+SETTINGS = {"dtype-bf16": {"dtype": torch.bfloat16}, "matmul-torch": {"cpu_matmul": "torch"}}
+
+
+def load(model_dir: str, method: str | None):
     from engines.native.model import LlamaModel
 
-    return LlamaModel(model_dir, dtype=torch.float32, device=torch.device("cpu"),
-                      quantize=quantize)
+    kw = dict(SETTINGS.get(method) or {"quantize": method})
+    return LlamaModel(model_dir, dtype=kw.pop("dtype", torch.float32),
+                      device=torch.device("cpu"), **kw)
 
 
 def measure(model_dir: str, windows: list[list[int]], methods,

@@ -428,8 +428,9 @@ class NativeOptions:
     enable_prefix_caching: bool = opt("option.enable_prefix_caching", True,
                                       "reuse the KV cache of shared prompt prefixes")
     attention_backend: str = opt("option.attention_backend", "auto",
-                                 "decode attention: triton (paged kernel) or torch",
-                                 choices=("auto", "triton", "torch"))
+                                 "decode attention: triton (paged kernel, GPU), cpp (C++ "
+                                 "kernel, CPU) or torch; auto: triton on GPU, cpp on CPU where "
+                                 "it builds", choices=("auto", "triton", "torch", "cpp"))
     enforce_eager: bool = opt("option.enforce_eager", False, "true: no CUDA graphs")
     enable_lora: bool = _opt(_ENABLE_LORA)
     max_loras: int = _opt(_MAX_LORAS)

@@ -192,6 +192,8 @@ class LlamaModel:
         inv_freq, self.rope_scaling = rope_inv_freq(model_dir)
         self.inv_freq = inv_freq.to(device)
         self.scale = 1.0 / math.sqrt(s.head_dim)
+        # Set by the runner for option.attention_backend=cpp: torch.ops.lmc_cpu.decode_attention.
+        self.decode_kernel = None
         self.q_size = self.num_heads * s.head_dim
         self.kv_size = self.num_kv_heads * s.head_dim
 
@@ -322,12 +324,15 @@ class LlamaModel:
                  and all(a == b + 1 for a, b in zip(batch.decode_lens, st["lens"])))
         if not reuse:
             cap = length + 8 * self.block_size  # room for 8 blocks of growth before a rebuild
-            shape = (nd, self.num_kv_heads, cap, s.head_dim)  # head-major: what SDPA reads
+            # Keys transposed, [B, KV, D, cap]: q @ K^T reads them as a plain [D, L] operand,
+            # and the C++ kernel's 16-key tiles are contiguous. Values [B, KV, cap, D].
+            kshape = (nd, self.num_kv_heads, s.head_dim, cap)
+            vshape = (nd, self.num_kv_heads, cap, s.head_dim)
             st = {"key": batch.decode_key, "cap": cap,
                   # Zeroed, not empty: masked positions still enter q.k, and garbage there
                   # (NaN/inf) would poison the softmax even with a zero weight.
-                  "bufs": [(torch.zeros(shape, dtype=self.dtype, device=self.device),
-                            torch.zeros(shape, dtype=self.dtype, device=self.device))
+                  "bufs": [(torch.zeros(kshape, dtype=self.dtype, device=self.device),
+                            torch.zeros(vshape, dtype=self.dtype, device=self.device))
                            for _ in self.layers]}
             self._decode_state = st
         st["lens"] = batch.decode_lens
@@ -335,7 +340,16 @@ class LlamaModel:
         st["rows"] = torch.arange(nd, device=self.device)
         st["last"] = torch.tensor(batch.decode_lens, device=self.device) - 1  # [B] new positions
         st["length"] = length
-        st["bias"] = _mask_bias(batch.decode_mask, self.dtype)  # [B, 1, 1, L], once per step
+        # fp32 matmuls read the [B, KV, L, D] slice of the buffers in place; 16-bit ones
+        # (oneDNN) would first copy that strided slice, i.e. the whole live cache, every layer.
+        # So in 16 bits attention runs over the whole capacity (contiguous), with the slack
+        # past L masked: at most 8 blocks of extra keys instead of a copy of all of them.
+        st["full"] = self.dtype != torch.float32 and self.decode_kernel is None
+        st["lens_t"] = st["last"] + 1  # [B] int64: valid positions of each row's buffer
+        mask = batch.decode_mask  # [B, 1, 1, L]
+        if st["full"]:
+            mask = F.pad(mask, (0, st["cap"] - length), value=False)  # [B, 1, 1, cap]
+        st["bias"] = _mask_bias(mask, self.dtype)  # once per step, not per layer
         return st
 
     def _attention(self, q, k, v, k_cache, v_cache, batch: "StepBatch", decode: dict | None,
@@ -367,22 +381,33 @@ class LlamaModel:
                 kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # [B, KV, L, D]
                 if decode is not None:
                     kb, vb = decode["bufs"][layer]
-                    kb[:, :, :length].copy_(kd)
+                    kb[..., :length].copy_(kd.transpose(-1, -2))
                     vb[:, :, :length].copy_(vd)
+                kd = kd.transpose(-1, -2)  # [B, KV, D, L]
             else:
                 kb, vb = decode["bufs"][layer]
-                kb[decode["rows"], :, decode["last"]] = k[:nd]  # [B, KV, D] at each row's end
+                kb[decode["rows"], :, :, decode["last"]] = k[:nd]  # [B, KV, D] at each row's end
                 vb[decode["rows"], :, decode["last"]] = v[:nd]
-                kd, vd = kb[:, :, :length], vb[:, :, :length]  # [B, KV, L, D]
+                kd, vd = kb[..., :length], vb[:, :, :length]  # [B, KV, D, L], [B, KV, L, D]
+            if decode is not None and self.decode_kernel is not None:
+                # The C++ kernel (csrc/decode_attention.cpp) reads each row's buffer in place.
+                kb, vb = decode["bufs"][layer]
+                o = self.decode_kernel(q[:nd], kb, vb, decode["lens_t"], self.scale,
+                                       s.sliding_window or 0)  # [B, H, D]
+                outs.append(o.reshape(nd, -1))
+                kd = None
+            elif decode is not None and decode["full"]:
+                kd, vd = decode["bufs"][layer]  # [B, KV, D, cap], [B, KV, cap, D]
             # Two batched matmuls over [B, KV] with each KV head's G = H / KV query heads as
             # the rows (query head h reads KV head h // G): on CPU ~15% faster than SDPA's flash
             # kernel for one query per sequence, which is memory-bound on reading K and V.
-            qd = q[:nd].view(nd, kvh, self.num_heads // kvh, s.head_dim)  # [B, KV, G, D]
-            scores = torch.matmul(qd, kd.transpose(-1, -2))  # [B, KV, G, L]
-            scores.mul_(self.scale).add_(decode["bias"] if decode is not None
-                                          else _mask_bias(batch.decode_mask, scores.dtype))
-            o = torch.matmul(torch.softmax(scores, dim=-1), vd)  # [B, KV, G, D]
-            outs.append(o.reshape(nd, -1))
+            if kd is not None:
+                qd = q[:nd].view(nd, kvh, self.num_heads // kvh, s.head_dim)  # [B, KV, G, D]
+                scores = torch.matmul(qd, kd)  # [B, KV, G, L]
+                scores.mul_(self.scale).add_(decode["bias"] if decode is not None
+                                              else _mask_bias(batch.decode_mask, scores.dtype))
+                o = torch.matmul(torch.softmax(scores, dim=-1), vd)  # [B, KV, G, D]
+                outs.append(o.reshape(nd, -1))
         for start_row, n, slots, mask in batch.prefills:
             qp = q[start_row:start_row + n].transpose(0, 1)  # [H, n, D]
             if slots is None:

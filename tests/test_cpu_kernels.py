@@ -1,0 +1,122 @@
+"""The native engine's C++ CPU decode attention (engines/native/csrc/decode_attention.cpp),
+option.attention_backend=cpp, the CPU default where it builds.
+
+- the op against a float64 softmax(q k^T) v: GQA, strided queries, rows of different lengths
+  (1 up to the whole capacity), a sliding window, fp32 and bf16 buffers;
+- bad arguments are errors naming the argument, not a crash;
+- the engine gives the same greedy tokens and log-probs with the kernel as with torch's ops
+  (and test_native_engine holds the default, the kernel, against transformers);
+- where the kernel cannot be built, auto falls back to torch and `cpp` fails at startup with
+  the reason.
+"""
+
+import shutil
+
+import pytest
+import torch
+from tiny_models import make_tiny_llama, make_tiny_mistral
+
+from engines.native import cpu_kernels
+from engines.native.engine import NativeEngine
+from engines.types import SamplingParams
+
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"),
+              pytest.mark.skipif(shutil.which("c++") is None and shutil.which("g++") is None,
+                                 reason="no C++ compiler to build the kernels with")]
+
+
+@pytest.fixture(scope="module")
+def ops():
+    ops = cpu_kernels.load()
+    assert ops is not None, cpu_kernels.error()
+    return ops
+
+
+def reference(q, kbuf, vbuf, lens, scale, window):
+    """float64, row by row: [B, H, D]."""
+    b_, h, d = q.shape
+    g = h // kbuf.shape[1]
+    out = []
+    for b in range(b_):
+        n = int(lens[b])
+        lo = max(0, n - window) if window else 0
+        k = kbuf[b, :, :, lo:n].double().transpose(-1, -2).repeat_interleave(g, 0)  # [H, n, D]
+        v = vbuf[b, :, lo:n].double().repeat_interleave(g, 0)  # [H, n, D]
+        s = torch.einsum("hd,hnd->hn", q[b].double(), k) * scale
+        out.append(torch.einsum("hn,hnd->hd", s.softmax(-1), v))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("window", [0, 5])
+def test_op_matches_softmax_attention(ops, dtype, window):
+    torch.manual_seed(0)
+    b, kv, g, d, cap = 6, 2, 3, 32, 50
+    kbuf = torch.randn(b, kv, d, cap).to(dtype)  # keys transposed, as the engine keeps them
+    vbuf = torch.randn(b, kv, cap, d).to(dtype)
+    q = torch.randn(b, kv * g + 4, d).to(dtype)[:, :kv * g]  # a strided view, as in the model
+    lens = torch.tensor([1, 2, 17, 33, 49, 50])
+    got = ops.decode_attention(q, kbuf, vbuf, lens, 0.2, window)
+    assert got.shape == (b, kv * g, d) and got.dtype == dtype
+    want = reference(q, kbuf, vbuf, lens, 0.2, window)
+    tol = 2e-6 if dtype == torch.float32 else 1e-2  # bf16: the output is rounded to bf16
+    torch.testing.assert_close(got.double(), want, atol=tol, rtol=tol)
+
+
+def test_large_scores_do_not_overflow(ops):
+    # Scores in the hundreds: the max-subtracted exp keeps the softmax finite and exact.
+    kbuf = torch.full((1, 1, 4, 8), 10.0)
+    vbuf = torch.arange(32, dtype=torch.float32).view(1, 1, 8, 4)
+    q = torch.full((1, 1, 4), 10.0)
+    kbuf[..., 3] = 10.5  # one key scores 20 above the rest (400): e^-20, all the weight
+    got = ops.decode_attention(q, kbuf, vbuf, torch.tensor([8]), 1.0, 0)
+    torch.testing.assert_close(got[0, 0], vbuf[0, 0, 3], atol=1e-5, rtol=0)
+
+
+def test_bad_arguments_name_what_is_wrong(ops):
+    kbuf, vbuf = torch.zeros(2, 1, 4, 8), torch.zeros(2, 1, 8, 4)
+    q = torch.zeros(2, 2, 4)
+    with pytest.raises(RuntimeError, match=r"lens\[1\] = 9 outside \[1, 8\]"):
+        ops.decode_attention(q, kbuf, vbuf, torch.tensor([3, 9]), 1.0, 0)
+    with pytest.raises(RuntimeError, match="lens must be int64"):
+        ops.decode_attention(q, kbuf, vbuf, torch.tensor([3, 4], dtype=torch.int32), 1.0, 0)
+    with pytest.raises(RuntimeError, match="share a dtype"):
+        ops.decode_attention(q.bfloat16(), kbuf, vbuf, torch.tensor([3, 4]), 1.0, 0)
+    with pytest.raises(RuntimeError, match="disagree"):
+        ops.decode_attention(q, kbuf, torch.zeros(2, 1, 4, 8), torch.tensor([3, 4]), 1.0, 0)
+
+
+@pytest.mark.parametrize("name", ["llama", "mistral"])  # GQA; a sliding window of 16
+def test_engine_same_tokens_with_kernel_and_torch(tmp_path, ops, name):
+    path = (make_tiny_llama(tmp_path / name) if name == "llama"
+            else make_tiny_mistral(tmp_path / name, sliding_window=16, num_kv_heads=4))
+    prompts = [list(range(5, 12)), [13, 14, 15], list(range(20, 60))]
+    params = [SamplingParams(max_new_tokens=24, min_new_tokens=24)] * 3
+    out = {}
+    for backend in ("cpp", "torch"):
+        e = NativeEngine(str(path), dtype="fp32", device="cpu", num_blocks=96, block_size=4,
+                         attention_backend=backend)
+        assert e.runner.attention == backend
+        assert (e.model.decode_kernel is not None) == (backend == "cpp")
+        out[backend] = e.generate(prompts, params)
+    for a, b in zip(out["cpp"], out["torch"]):
+        assert a.token_ids == b.token_ids
+        assert max(abs(x.log_prob - y.log_prob) for x, y in zip(a.tokens, b.tokens)) < 1e-4
+
+
+def test_without_the_kernel_auto_falls_back_and_cpp_fails(tmp_path, monkeypatch):
+    path = str(make_tiny_llama(tmp_path / "llama"))
+    monkeypatch.setattr(cpu_kernels, "_state", {"ops": None, "error": "CalledProcessError: no c++"})
+    e = NativeEngine(path, dtype="fp32", device="cpu", num_blocks=16, block_size=4)
+    assert e.runner.attention == "torch" and e.model.decode_kernel is None
+    with pytest.raises(ValueError, match="option.attention_backend=cpp needs .*no c\\+\\+"):
+        NativeEngine(path, dtype="fp32", device="cpu", num_blocks=16, block_size=4,
+                     attention_backend="cpp")
+
+
+def test_cpp_refuses_fp16(tmp_path, ops):
+    path = str(make_tiny_llama(tmp_path / "llama"))
+    with pytest.raises(ValueError, match="option.attention_backend=cpp needs a CPU device, fp32 "
+                                         "or bf16"):
+        NativeEngine(path, dtype="fp16", device="cpu", num_blocks=16, block_size=4,
+                     attention_backend="cpp")
