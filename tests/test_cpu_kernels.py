@@ -120,3 +120,47 @@ def test_cpp_refuses_fp16(tmp_path, ops):
                                          "or bf16"):
         NativeEngine(path, dtype="fp16", device="cpu", num_blocks=16, block_size=4,
                      attention_backend="cpp")
+
+
+@pytest.mark.parametrize("rows", [1, 2, 6, 7, 13, 32])
+def test_int8_linear_matches_its_dequantized_weight(ops, rows):
+    from engines.native.quant import Int8Linear
+
+    torch.manual_seed(rows)
+    w = torch.randn(96, 150) * 0.05  # [K, N]; N not a multiple of the 64-channel panels
+    lin = Int8Linear(w)
+    assert lin.kernel is not None and lin.q.shape == (3, 96, 64)
+    x = torch.randn(rows, 96)
+    want = (x.double() @ lin.dequantized().double())
+    torch.testing.assert_close(lin(x).double(), want, atol=1e-5, rtol=1e-5)
+    # bf16 activations: fp32 arithmetic, the output rounded to bf16.
+    got = lin(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    want_b = x.bfloat16().double() @ lin.dequantized().double()
+    torch.testing.assert_close(got.double(), want_b, atol=2e-2, rtol=1e-2)
+    # The rounding is per-channel int8: within half a step of the weight.
+    step = w.abs().amax(0) / 127
+    assert ((lin.dequantized() - w).abs() <= step / 2 + 1e-7).all()
+
+
+def test_int8_kernel_and_torch_fallback_agree(monkeypatch):
+    from engines.native import quant
+
+    torch.manual_seed(0)
+    w, x = torch.randn(64, 128) * 0.05, torch.randn(3, 64)
+    fast = quant.Int8Linear(w)
+    monkeypatch.setattr(quant, "_int8_kernel", lambda device: None)
+    slow = quant.Int8Linear(w)
+    assert fast.kernel is not None and slow.kernel is None
+    torch.testing.assert_close(fast.dequantized(), slow.dequantized(), atol=1e-7, rtol=0)
+    torch.testing.assert_close(fast(x), slow(x), atol=1e-4, rtol=1e-4)
+
+
+def test_int8_linear_bad_arguments(ops):
+    q, s = torch.zeros(2, 8, 64, dtype=torch.int8), torch.zeros(128)
+    with pytest.raises(RuntimeError, match=r"x is \[1, 9\], q \[2, 8, 64\]"):
+        ops.int8_linear(torch.zeros(1, 9), q, s, 100)
+    with pytest.raises(RuntimeError, match="n = 60"):  # 60 channels fit in one panel, not two
+        ops.int8_linear(torch.zeros(1, 8), q, s, 60)
+    with pytest.raises(RuntimeError, match="fp32 or bf16"):
+        ops.int8_linear(torch.zeros(1, 8, dtype=torch.float16), q, s, 100)

@@ -3,6 +3,8 @@
     decode_attention(q [B, H, D], kbuf, vbuf [B, KV, C, D], lens [B] int64, scale, window)
         -> [B, H, D]: one query per sequence over its contiguous decode buffer (fp32 or bf16
         in memory, fp32 arithmetic); see csrc/decode_attention.cpp.
+    int8_linear(x [M, K], q [K, N] int8, scale [N] fp32) -> [M, N]: weight-only int8 matmul
+        (option.quantize=int8), fp32 arithmetic; see csrc/int8_linear.cpp.
 
 The source is compiled with -O3 -march=native through torch.utils.cpp_extension into
 $LMC_CACHE/cpu_kernels/<digest of the source, torch's version and this CPU's flags>/, once per
@@ -23,7 +25,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-_SOURCES = (Path(__file__).parent / "csrc" / "decode_attention.cpp",)
+_SOURCES = tuple(Path(__file__).parent / "csrc" / f
+                 for f in ("decode_attention.cpp", "int8_linear.cpp"))
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 

@@ -4,8 +4,10 @@ Every matmul of the decoder (qkv, o, gate_up, down) and the LM head can hold its
 fewer bits; activations, norms, attention, the KV cache and the residual stream keep the
 model dtype. The kernels are torch's own CPU ops:
 
-    int8      per-output-channel symmetric int8, scale = max|w| / 127;
-              torch.ops.aten._weight_int8pack_mm (dequantizes inside the GEMM).
+    int8      per-output-channel symmetric int8, scale = max|w| / 127; the native engine's
+              C++ kernel (csrc/int8_linear.cpp: one byte read per weight, widened to fp32 in
+              registers), or torch.ops.aten._weight_int8pack_mm where the kernels cannot be
+              built.
     int4      group-wise asymmetric 4-bit (groups of 32 input features along K, a scale and a
               zero per group, as llama.cpp's Q4_1); the LM head int8, as llama.cpp's shipped
               Q4_1 file keeps its output/embedding matrix Q8_0.
@@ -56,15 +58,56 @@ class Linear:
 
 
 class Int8Linear(Linear):
+    """Per-output-channel symmetric int8. On CPU, where the native engine's C++ kernels build
+    (cpu_kernels.py), the weights sit in panels of 64 channels for csrc/int8_linear.cpp, which
+    reads one byte a weight and widens it in registers; elsewhere torch's _weight_int8pack_mm
+    (20-50x slower than fp32 on the CPUs measured here)."""
+
+    PANEL = 64
+
     def __init__(self, w: torch.Tensor) -> None:  # w [K, N], the model's stored layout
         wt = w.t().float()  # [N, K]
         self.in_features, self.out_features = w.shape
         scale = wt.abs().amax(dim=1).clamp(min=1e-12) / 127  # [N]
-        self.q = torch.round(wt / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
-        self.scale = scale.to(w.dtype)
+        q = torch.round(wt / scale[:, None]).clamp(-127, 127).to(torch.int8)  # [N, K]
+        self.kernel = _int8_kernel(w.device)
+        if self.kernel is not None:
+            k, n, p = self.in_features, self.out_features, self.PANEL
+            panels = -(-n // p)
+            qp = torch.zeros(panels * p, k, dtype=torch.int8)
+            qp[:n] = q
+            self.q = qp.view(panels, p, k).transpose(1, 2).contiguous()  # [P, K, 64]
+            self.scale = torch.zeros(panels * p)
+            self.scale[:n] = scale  # [P * 64] fp32, zero past N
+        else:
+            self.q = q.contiguous()  # [N, K]
+            self.scale = scale.to(w.dtype)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x.contiguous(), self.q, self.scale, self.out_features)  # [M, N]
         return torch.ops.aten._weight_int8pack_mm(x, self.q, self.scale)  # [M, N]
+
+    def dequantized(self) -> torch.Tensor:
+        """The weight as the kernel reads it, [K, N] fp32."""
+        if self.kernel is not None:
+            k, n = self.in_features, self.out_features
+            w = self.q.float() * self.scale.view(-1, 1, self.PANEL)  # [P, K, 64]
+            return w.transpose(0, 1).reshape(k, -1)[:, :n]
+        return (self.q.float() * self.scale.float()[:, None]).t()
+
+    def nbytes(self) -> int:
+        return self.q.numel() + self.scale.numel() * self.scale.element_size()
+
+
+def _int8_kernel(device: torch.device):
+    """csrc/int8_linear.cpp's op on CPU where the kernels build, else None."""
+    if device.type != "cpu":
+        return None
+    from engines.native import cpu_kernels
+
+    ops = cpu_kernels.load()
+    return None if ops is None else ops.int8_linear
 
 
 class Int4Linear(Linear):
