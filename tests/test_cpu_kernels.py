@@ -164,3 +164,33 @@ def test_int8_linear_bad_arguments(ops):
         ops.int8_linear(torch.zeros(1, 8), q, s, 60)
     with pytest.raises(RuntimeError, match="fp32 or bf16"):
         ops.int8_linear(torch.zeros(1, 8, dtype=torch.float16), q, s, 100)
+
+
+def hf_rms_norm(x, w, eps):
+    """transformers' LlamaRMSNorm, as the reference."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return w * xf.to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_ops_match_transformers(ops, dtype):
+    torch.manual_seed(3)
+    x = (torch.randn(37, 96) * 3).to(dtype)
+    w = (torch.randn(96) * 0.1 + 1).to(dtype)
+    delta = torch.randn(37, 96).to(dtype)
+    # bf16: the same up to one rounding step, where the fp32 sums round differently.
+    tol = {"atol": 2e-6, "rtol": 1e-6} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 8e-3}
+    torch.testing.assert_close(ops.rms_norm(x, w, 1e-5), hf_rms_norm(x, w, 1e-5), **tol)
+    # A strided input (rows of a wider tensor) reads the right elements.
+    wide = torch.cat([x, x], dim=1)[:, :96]
+    torch.testing.assert_close(ops.rms_norm(wide, w, 1e-5), hf_rms_norm(x, w, 1e-5), **tol)
+    # add_rms_norm_: the residual add is exactly torch's, in place; the norm of the sum.
+    xs = x.clone()
+    h = ops.add_rms_norm_(xs, delta, w, 1e-5)
+    assert torch.equal(xs, x + delta)
+    torch.testing.assert_close(h, hf_rms_norm(x + delta, w, 1e-5), **tol)
+    with pytest.raises(RuntimeError, match="both be fp32 or both bf16"):
+        ops.rms_norm(x, w.half(), 1e-5)
+    with pytest.raises(RuntimeError, match="delta must match x"):
+        ops.add_rms_norm_(xs, delta[:3], w, 1e-5)

@@ -158,7 +158,9 @@ def test_tp2_matches_tp1_token_for_token(tmp_path):
                     reference(case["model_dir"], case["adapters"][name] if name else None),
                     case["prompts"][i], p["max_new_tokens"])
                 assert g["token_ids"] == ids, f"{case['name']} request {i}"
-                assert g["log_probs"] == pytest.approx(lps, abs=1e-4)
+                # PEFT's merged weights (W + BA rounded once) against the deltas added to each
+                # matmul's output, over 21 tokens of fp32 in a different op order: 2e-4.
+                assert g["log_probs"] == pytest.approx(lps, abs=2e-4)
 
 
 def test_heads_that_do_not_split_are_refused(tmp_path):

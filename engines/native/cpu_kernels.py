@@ -5,6 +5,8 @@
         in memory, fp32 arithmetic); see csrc/decode_attention.cpp.
     int8_linear(x [M, K], q [K, N] int8, scale [N] fp32) -> [M, N]: weight-only int8 matmul
         (option.quantize=int8), fp32 arithmetic; see csrc/int8_linear.cpp.
+    rms_norm(x, w, eps), add_rms_norm_(x, delta, w, eps): transformers' RMSNorm in one op (the
+        second adds the residual into x first); see csrc/rms_norm.cpp.
 
 The source is compiled with -O3 -march=native through torch.utils.cpp_extension into
 $LMC_CACHE/cpu_kernels/<digest of the source, torch's version and this CPU's flags>/, once per
@@ -26,7 +28,7 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = tuple(Path(__file__).parent / "csrc" / f
-                 for f in ("decode_attention.cpp", "int8_linear.cpp"))
+                 for f in ("decode_attention.cpp", "int8_linear.cpp", "rms_norm.cpp"))
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 

@@ -194,6 +194,12 @@ class LlamaModel:
         self.scale = 1.0 / math.sqrt(s.head_dim)
         # Set by the runner for option.attention_backend=cpp: torch.ops.lmc_cpu.decode_attention.
         self.decode_kernel = None
+        # The C++ CPU ops (cpu_kernels.py) for the norms, where they build.
+        self.cpu_ops = None
+        if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+            from engines.native import cpu_kernels
+
+            self.cpu_ops = cpu_kernels.load()
         self.q_size = self.num_heads * s.head_dim
         self.kv_size = self.num_kv_heads * s.head_dim
 
@@ -214,13 +220,24 @@ class LlamaModel:
     # -- forward --------------------------------------------------------------------------------
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        # As HF computes it: in fp32, then back to the model dtype before the weight. In fp32
-        # torch's rms_norm gives bit-identical results with fewer ops.
+        # As HF computes it: in fp32, then back to the model dtype before the weight. On CPU
+        # one C++ op (csrc/rms_norm.cpp); in fp32 torch's rms_norm gives bit-identical results
+        # with fewer ops than the formula.
+        if self.cpu_ops is not None:
+            return self.cpu_ops.rms_norm(x, weight, self.spec.rms_norm_eps)
         if x.dtype == torch.float32 and weight.dtype == torch.float32:
             return F.rms_norm(x, weight.shape, weight, self.spec.rms_norm_eps)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.spec.rms_norm_eps)
         return weight * xf.to(x.dtype)
+
+    def _add_rms_norm(self, x: torch.Tensor, delta: torch.Tensor,
+                      weight: torch.Tensor) -> torch.Tensor:
+        """x += delta (the residual, in place), then the norm of x."""
+        if self.cpu_ops is not None and delta.stride(-1) == 1:
+            return self.cpu_ops.add_rms_norm_(x, delta, weight, self.spec.rms_norm_eps)
+        x.add_(delta)
+        return self._rms_norm(x, weight)
 
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
@@ -248,8 +265,10 @@ class LlamaModel:
         decode = (self._decode_buffers(batch)
                   if batch.decode_count and batch.decode_seq_lens is None else None)
         lora = batch.lora  # LoRA rows of this step (lora.py), None when no row has an adapter
+        last = len(self.layers) - 1
+        # The residual stream x is updated in place; each norm follows its residual add.
+        h = self._rms_norm(x, self.layers[0]["in_norm"])
         for i, (layer, (k_cache, v_cache)) in enumerate(zip(self.layers, kv_cache)):
-            h = self._rms_norm(x, layer["in_norm"])
             qkv = matmul(h, layer["qkv"])  # [T, (H + 2KV) * D]
             if layer["qkv_b"] is not None:
                 qkv = qkv + layer["qkv_b"]
@@ -266,8 +285,7 @@ class LlamaModel:
             o = matmul(attn, layer["o"])  # [T, hidden]
             if lora is not None:  # with TP: this rank's partial delta joins the all-reduce
                 lora.apply(i, "o", attn, o)
-            x = x + (o if tp is None else tp.all_reduce(o))
-            h = self._rms_norm(x, layer["post_norm"])
+            h = self._add_rms_norm(x, o if tp is None else tp.all_reduce(o), layer["post_norm"])
             gate_up = matmul(h, layer["gate_up"])  # [T, 2F]
             if lora is not None:
                 lora.apply(i, "gate_up", h, gate_up)
@@ -276,7 +294,11 @@ class LlamaModel:
             down = matmul(act, layer["down"])  # [T, hidden]
             if lora is not None:
                 lora.apply(i, "down", act, down)
-            x = x + (down if tp is None else tp.all_reduce(down))
+            down = down if tp is None else tp.all_reduce(down)
+            if i < last:
+                h = self._add_rms_norm(x, down, self.layers[i + 1]["in_norm"])
+            else:
+                x.add_(down)
         x = x[batch.logits_index]  # only the rows that sample: [N, hidden]
         return self._rms_norm(x, self.norm)
 
