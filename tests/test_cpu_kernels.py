@@ -149,7 +149,7 @@ def test_int8_kernel_and_torch_fallback_agree(monkeypatch):
     torch.manual_seed(0)
     w, x = torch.randn(64, 128) * 0.05, torch.randn(3, 64)
     fast = quant.Int8Linear(w)
-    monkeypatch.setattr(quant, "_int8_kernel", lambda device: None)
+    monkeypatch.setattr(quant, "_cpu_op", lambda device, name: None)
     slow = quant.Int8Linear(w)
     assert fast.kernel is not None and slow.kernel is None
     torch.testing.assert_close(fast.dequantized(), slow.dequantized(), atol=1e-7, rtol=0)
@@ -194,3 +194,40 @@ def test_rms_norm_ops_match_transformers(ops, dtype):
         ops.rms_norm(x, w.half(), 1e-5)
     with pytest.raises(RuntimeError, match="delta must match x"):
         ops.add_rms_norm_(xs, delta[:3], w, 1e-5)
+
+
+@pytest.mark.parametrize("group", [32, 64])
+@pytest.mark.parametrize("rows", [1, 3, 4, 9, 32])
+def test_int4_linear_matches_its_dequantized_weight(ops, group, rows):
+    from engines.native.quant import Int4Linear
+
+    torch.manual_seed(rows + group)
+    k, n = 128, 150  # N not a multiple of the 64-channel panels
+    w = torch.randn(k, n) * 0.05
+    lin = Int4Linear(w, group)
+    assert lin.kernel is not None and lin.packed.shape == (3, k, 32)
+    # The quantization, written out: per (channel, group) minimum and range / 15.
+    wg = w.t().reshape(n, k // group, group)
+    lo, hi = wg.amin(-1), wg.amax(-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-12)
+    q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15)
+    deq = (q * scale[..., None] + lo[..., None]).reshape(n, k).t()  # [K, N]
+    assert ((deq - w).abs() <= scale.repeat_interleave(group, 1).t() / 2 + 1e-6).all()
+    x = torch.randn(rows, k)
+    torch.testing.assert_close(lin(x).double(), x.double() @ deq.double(), atol=1e-5, rtol=1e-5)
+    got = lin(x.bfloat16())
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), x.bfloat16().double() @ deq.double(), atol=2e-2,
+                               rtol=1e-2)
+
+
+def test_int4_kernel_and_torch_fallback_agree(monkeypatch):
+    from engines.native import quant
+
+    torch.manual_seed(1)
+    w, x = torch.randn(64, 128) * 0.05, torch.randn(3, 64)
+    fast = quant.Int4Linear(w, 32)
+    monkeypatch.setattr(quant, "_cpu_op", lambda device, name: None)
+    slow = quant.Int4Linear(w, 32)
+    assert fast.kernel is not None and slow.kernel is None
+    torch.testing.assert_close(fast(x), slow(x), atol=1e-4, rtol=1e-4)

@@ -5,6 +5,8 @@
         in memory, fp32 arithmetic); see csrc/decode_attention.cpp.
     int8_linear(x [M, K], q [K, N] int8, scale [N] fp32) -> [M, N]: weight-only int8 matmul
         (option.quantize=int8), fp32 arithmetic; see csrc/int8_linear.cpp.
+    int4_linear(x, q [P, K, 32] uint8, scale, low [P, K/G, 64], n) -> [M, N]: group-wise 4-bit
+        (option.quantize=int4*); see csrc/int4_linear.cpp.
     rms_norm(x, w, eps), add_rms_norm_(x, delta, w, eps): transformers' RMSNorm in one op (the
         second adds the residual into x first); see csrc/rms_norm.cpp.
 
@@ -28,7 +30,8 @@ import torch
 log = logging.getLogger(__name__)
 
 _SOURCES = tuple(Path(__file__).parent / "csrc" / f
-                 for f in ("decode_attention.cpp", "int8_linear.cpp", "rms_norm.cpp"))
+                 for f in ("decode_attention.cpp", "int8_linear.cpp", "int4_linear.cpp",
+                           "rms_norm.cpp"))
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 

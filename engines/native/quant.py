@@ -70,7 +70,7 @@ class Int8Linear(Linear):
         self.in_features, self.out_features = w.shape
         scale = wt.abs().amax(dim=1).clamp(min=1e-12) / 127  # [N]
         q = torch.round(wt / scale[:, None]).clamp(-127, 127).to(torch.int8)  # [N, K]
-        self.kernel = _int8_kernel(w.device)
+        self.kernel = _cpu_op(w.device, "int8_linear")
         if self.kernel is not None:
             k, n, p = self.in_features, self.out_features, self.PANEL
             panels = -(-n // p)
@@ -100,17 +100,24 @@ class Int8Linear(Linear):
         return self.q.numel() + self.scale.numel() * self.scale.element_size()
 
 
-def _int8_kernel(device: torch.device):
-    """csrc/int8_linear.cpp's op on CPU where the kernels build, else None."""
+def _cpu_op(device: torch.device, name: str):
+    """The native engine's C++ op `name` (cpu_kernels.py) on CPU where they build, else None."""
     if device.type != "cpu":
         return None
     from engines.native import cpu_kernels
 
     ops = cpu_kernels.load()
-    return None if ops is None else ops.int8_linear
+    return None if ops is None else getattr(ops, name)
 
 
 class Int4Linear(Linear):
+    """Group-wise asymmetric 4-bit: w = q * scale + low per group of `group_size` inputs and
+    output channel, q in 0..15 (llama.cpp's Q4_1). On CPU where the native engine's C++ kernels
+    build: csrc/int4_linear.cpp over 64-channel panels; elsewhere torch's
+    _weight_int4pack_mm_for_cpu (which, on the CPUs measured here, is 20-50x slower than fp32)."""
+
+    PANEL = 64
+
     def __init__(self, w: torch.Tensor, group_size: int) -> None:  # w [K, N]
         k, n = w.shape
         if k % group_size:
@@ -121,14 +128,34 @@ class Int4Linear(Linear):
         lo, hi = wg.amin(-1), wg.amax(-1)  # [N, K/G]
         scale = ((hi - lo) / 15).clamp(min=1e-12)
         q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15)
-        # The kernel dequantizes (q - 8) * scale + zero, so zero is the value of q = 8.
-        zero = lo + 8 * scale
-        self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
-            q.to(torch.int32).reshape(n, k), 1)  # [N, K/2] uint8, the kernel's tiling
-        self.scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(w.dtype).contiguous()
-        # [K/G, N, 2]
+        q = q.to(torch.uint8).reshape(n, k)  # [N, K]
+        self.kernel = _cpu_op(w.device, "int4_linear")
+        if self.kernel is not None:
+            p, panels = self.PANEL, -(-n // self.PANEL)
+            qp = torch.zeros(panels * p, k, dtype=torch.uint8)
+            qp[:n] = q
+            qp = qp.view(panels, 2, p // 2, k).permute(0, 3, 1, 2)  # [P, K, 2, 32]
+            # Byte i of a row: channel i in the low nibble, channel i + 32 in the high one.
+            self.packed = (qp[:, :, 0] | (qp[:, :, 1] << 4)).contiguous()  # [P, K, 32]
+
+            def panel(t: torch.Tensor) -> torch.Tensor:  # [N, K/G] -> [P, K/G, 64]
+                out = torch.zeros(panels * p, k // group_size)
+                out[:n] = t
+                return out.view(panels, p, -1).transpose(1, 2).contiguous()
+
+            self.scale, self.low = panel(scale), panel(lo)
+        else:
+            self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
+                q.to(torch.int32), 1)  # [N, K/2] uint8, the kernel's tiling
+            # That kernel dequantizes (q - 8) * scale + zero, so zero is the value of q = 8.
+            zero = lo + 8 * scale
+            self.scale_zero = torch.stack([scale.t(), zero.t()], dim=-1).to(w.dtype).contiguous()
+            # [K/G, N, 2]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return self.kernel(x.contiguous(), self.packed, self.scale, self.low,
+                               self.out_features)  # [M, N]
         return torch.ops.aten._weight_int4pack_mm_for_cpu(
             x, self.packed, self.group_size, self.scale_zero)  # [M, N]
 
