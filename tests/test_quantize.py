@@ -177,7 +177,7 @@ def test_fp8_on_gpu_close_to_bf16():
 
 
 @pytest.mark.e2e
-@pytest.mark.timeout(900)  # torch's int4/int8 CPU kernels are slow at prefill (see README)
+@pytest.mark.timeout(900)  # without the C++ kernels (no compiler) torch's int4/int8 run slow
 def test_smollm2_on_readme_within_bounds():
     from transformers import AutoTokenizer
 
