@@ -50,7 +50,7 @@ def _build_dir() -> Path:
     from engines.options import load_server_options
 
     h = hashlib.sha256()
-    for src in _SOURCES:
+    for src in (*_SOURCES, _SOURCES[0].parent / "cpu_common.h"):
         h.update(src.read_bytes())
     h.update(f"{torch.__version__}|{platform.machine()}|{_cpu_flags()}".encode())
     root = Path(load_server_options().cache_dir).expanduser()

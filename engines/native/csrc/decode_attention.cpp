@@ -21,6 +21,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "cpu_common.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -29,14 +31,7 @@
 
 namespace {
 
-inline float as_float(float x) { return x; }
-inline float as_float(c10::BFloat16 x) {
-  // bf16 is the top half of an fp32: a shift the compiler vectorizes.
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using lmc::as_float;
 
 // e^x for x <= 0 (scores after the max is subtracted), in plain arithmetic so the softmax loop
 // vectorizes: x = n ln2 + r with |r| <= ln2 / 2, e^r by its Taylor series to r^6 (relative

@@ -10,38 +10,18 @@
 // to fp32 in registers, dequantized with one FMA per vector, and multiplied into up to 4 rows
 // of x (16 accumulators, plus 8 registers of the group's scales and minimums).
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
 
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <vector>
+#include "cpu_common.h"
 
 namespace {
 
-typedef float f16v __attribute__((vector_size(64)));  // 16 fp32 lanes
+using lmc::f16v;
+using lmc::kPanel;
 
-constexpr int64_t kPanel = 64;
 constexpr int64_t kRows = 4;
-
-inline float as_float(float x) { return x; }
-inline float as_float(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-
-inline f16v load(const float* p) {
-  f16v v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
 
 // The 64 channels of one row k: bytes [0, 16) and [16, 32), low then high nibbles.
 inline void widen4(const uint8_t* p, f16v& c0, f16v& c1, f16v& c2, f16v& c3) {
@@ -78,8 +58,10 @@ void panel_rows(const float* x, int64_t K, int64_t G, const uint8_t* q /* [K, 32
   for (int64_t g0 = 0; g0 < K; g0 += G) {
     const float* s = scale + (g0 / G) * kPanel;
     const float* z = low + (g0 / G) * kPanel;
-    const f16v s0 = load(s), s1 = load(s + 16), s2 = load(s + 32), s3 = load(s + 48);
-    const f16v z0 = load(z), z1 = load(z + 16), z2 = load(z + 32), z3 = load(z + 48);
+    const f16v s0 = lmc::load16(s), s1 = lmc::load16(s + 16), s2 = lmc::load16(s + 32),
+               s3 = lmc::load16(s + 48);
+    const f16v z0 = lmc::load16(z), z1 = lmc::load16(z + 16), z2 = lmc::load16(z + 32),
+               z3 = lmc::load16(z + 48);
     for (int64_t k = g0; k < g0 + G; ++k) {
       f16v w0, w1, w2, w3;
       widen4(q + k * (kPanel / 2), w0, w1, w2, w3);
@@ -113,32 +95,17 @@ void panel(const float* x, int64_t R, int64_t K, int64_t G, const uint8_t* q, co
 template <typename T>
 void run(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
          const at::Tensor& low, int64_t N, at::Tensor& y) {
-  const int64_t M = x.size(0), K = x.size(1), panels = q.size(0);
-  const int64_t groups = scale.size(1), G = K / groups;
-  const T* xp = x.data_ptr<T>();
-  const int64_t xs = x.stride(0);
+  const int64_t K = x.size(1), groups = scale.size(1), G = K / groups;
   const uint8_t* qp = q.data_ptr<uint8_t>();
   const float* sp = scale.data_ptr<float>();
   const float* zp = low.data_ptr<float>();
-  T* yp = y.data_ptr<T>();
-  std::vector<float> xf(M * K);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = as_float(xp[m * xs + k]);
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(kRows * kPanel);
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t n0 = p * kPanel, width = std::min(kPanel, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-        const int64_t rows = std::min(kRows, M - m0);
-        panel(xf.data() + m0 * K, rows, K, G, qp + p * K * (kPanel / 2),
-              sp + p * groups * kPanel, zp + p * groups * kPanel, acc.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          T* dst = yp + (m0 + r) * N + n0;
-          for (int64_t j = 0; j < width; ++j) dst[j] = static_cast<T>(acc[r * kPanel + j]);
-        }
-      }
-    }
-  });
+  lmc::panel_matmul<T, kRows>(
+      x, N, q.size(0), nullptr,
+      [&](int64_t p, const float* xr, int64_t rows, float* acc) {
+        panel(xr, rows, K, G, qp + p * K * (kPanel / 2), sp + p * groups * kPanel,
+              zp + p * groups * kPanel, acc);
+      },
+      y);
 }
 
 at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
@@ -159,13 +126,7 @@ at::Tensor int4_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(x.stride(1) == 1, "int4_linear: x's rows must be contiguous");
   auto y = at::empty({x.size(0), n}, x.options());
   if (x.size(0) == 0) return y;
-  if (x.scalar_type() == at::kFloat) {
-    run<float>(x, q, scale, low, n, y);
-  } else if (x.scalar_type() == at::kBFloat16) {
-    run<c10::BFloat16>(x, q, scale, low, n, y);
-  } else {
-    TORCH_CHECK(false, "int4_linear: x must be fp32 or bf16, got ", x.scalar_type());
-  }
+  lmc::for_x_dtype(x, "int4_linear", [&](auto t) { run<decltype(t)>(x, q, scale, low, n, y); });
   return y;
 }
 

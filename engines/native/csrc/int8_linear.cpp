@@ -10,33 +10,20 @@
 // multiplied into up to 6 rows of x at a time (24 vector accumulators): no horizontal sums.
 // torch's own _weight_int8pack_mm runs 20-50x slower than fp32 on the CPUs measured here.
 
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <immintrin.h>
 
-#include <algorithm>
-#include <cstdint>
-#include <cstring>
-#include <vector>
+#include "cpu_common.h"
 
 namespace {
 
-typedef float f16v __attribute__((vector_size(64)));   // 16 fp32 lanes (2 AVX2 registers)
+using lmc::f16v;
+using lmc::kPanel;
+
 typedef int8_t i16v __attribute__((vector_size(16)));  // 16 int8 lanes
 
-constexpr int64_t kPanel = 64;  // output channels per task: 4 vectors
 constexpr int64_t kRows = 6;    // rows of x per pass: 6 x 4 accumulators
-
-inline float as_float(float x) { return x; }
-inline float as_float(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
 
 inline f16v widen(const int8_t* p) {
   // GCC scalarizes int8 -> fp32 vector conversions written portably, so: intrinsics.
@@ -94,31 +81,14 @@ void panel(const float* x, int64_t R, int64_t K, const int8_t* q, float* acc) {
 template <typename T>
 void run(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale, int64_t N,
          at::Tensor& y) {
-  const int64_t M = x.size(0), K = x.size(1), panels = q.size(0);
-  const T* xp = x.data_ptr<T>();
-  const int64_t xs = x.stride(0);
+  const int64_t K = x.size(1);
   const int8_t* qp = q.data_ptr<int8_t>();
-  const float* sp = scale.data_ptr<float>();
-  T* yp = y.data_ptr<T>();
-  // x widened to fp32 once, shared by every panel.
-  std::vector<float> xf(M * K);
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) xf[m * K + k] = as_float(xp[m * xs + k]);
-  at::parallel_for(0, panels, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> acc(kRows * kPanel);
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t n0 = p * kPanel, width = std::min(kPanel, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += kRows) {
-        const int64_t rows = std::min(kRows, M - m0);
-        panel(xf.data() + m0 * K, rows, K, qp + p * K * kPanel, acc.data());
-        for (int64_t r = 0; r < rows; ++r) {
-          T* dst = yp + (m0 + r) * N + n0;
-          for (int64_t j = 0; j < width; ++j)
-            dst[j] = static_cast<T>(acc[r * kPanel + j] * sp[n0 + j]);
-        }
-      }
-    }
-  });
+  lmc::panel_matmul<T, kRows>(
+      x, N, q.size(0), scale.data_ptr<float>(),
+      [&](int64_t p, const float* xr, int64_t rows, float* acc) {
+        panel(xr, rows, K, qp + p * K * kPanel, acc);
+      },
+      y);
 }
 
 at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tensor& scale,
@@ -136,13 +106,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& q, const at::Tenso
   TORCH_CHECK(x.stride(1) == 1, "int8_linear: x's rows must be contiguous");
   auto y = at::empty({x.size(0), n}, x.options());
   if (x.size(0) == 0) return y;
-  if (x.scalar_type() == at::kFloat) {
-    run<float>(x, q, scale, n, y);
-  } else if (x.scalar_type() == at::kBFloat16) {
-    run<c10::BFloat16>(x, q, scale, n, y);
-  } else {
-    TORCH_CHECK(false, "int8_linear: x must be fp32 or bf16, got ", x.scalar_type());
-  }
+  lmc::for_x_dtype(x, "int8_linear", [&](auto t) { run<decltype(t)>(x, q, scale, n, y); });
   return y;
 }
 

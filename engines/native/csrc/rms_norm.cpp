@@ -12,19 +12,15 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "cpu_common.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 
 namespace {
 
-inline float as_float(float x) { return x; }
-inline float as_float(c10::BFloat16 x) {
-  uint32_t bits = static_cast<uint32_t>(x.x) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
+using lmc::as_float;
 inline float round_to(float x, float) { return x; }
 inline float round_to(float x, c10::BFloat16) { return static_cast<float>(c10::BFloat16(x)); }
 
