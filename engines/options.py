@@ -224,6 +224,10 @@ class ServerOptions:
     cache_dir: str = opt("server.cache_dir", str(Path.home() / ".cache" / "lmc"),
                          "where converted and downloaded models are kept", env=("LMC_CACHE",),
                          default_text="~/.cache/lmc")
+    kernel_cache: str | None = opt("server.kernel_cache", None,
+                                   "where the native engine's C++ CPU kernels are built, once "
+                                   "per source, torch version and CPU", env=("LMC_KERNEL_CACHE",),
+                                   default_text="$LMC_CACHE/cpu_kernels")
     log_level: str = opt("server.log_level", "INFO", "logging level", env=("LMC_LOG_LEVEL",),
                          choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     log_format: str = opt("server.log_format", "text",

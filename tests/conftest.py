@@ -10,6 +10,12 @@ import pytest
 if not any(Path("/dev").glob("nvidia[0-9]*")):
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# The native engine's C++ CPU kernels are built once (10-20 s) and shared by every test and
+# server process, also those that point LMC_CACHE at a fresh directory.
+os.environ.setdefault("LMC_KERNEL_CACHE",
+                      str(Path(os.environ.get("LMC_CACHE", "~/.cache/lmc")).expanduser()
+                          / "cpu_kernels"))
+
 
 @pytest.fixture(scope="module")
 def one_torch_thread():

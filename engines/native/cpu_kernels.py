@@ -11,8 +11,8 @@
         second adds the residual into x first); see csrc/rms_norm.cpp.
 
 The source is compiled with -O3 -march=native through torch.utils.cpp_extension into
-$LMC_CACHE/cpu_kernels/<digest of the source, torch's version and this CPU's flags>/, once per
-machine (about 20 s; later processes load the built library). Where it cannot be built (no C++
+$LMC_KERNEL_CACHE (default $LMC_CACHE/cpu_kernels)/<digest of the sources, torch's version and
+this CPU's flags>/, once per machine (10-20 s; later processes load the built library). Where it cannot be built (no C++
 compiler, say) `load()` logs why once and returns None, and the engine keeps its torch path:
 option.attention_backend=auto falls back, =cpp fails at startup with that reason.
 """
@@ -53,8 +53,9 @@ def _build_dir() -> Path:
     for src in (*_SOURCES, _SOURCES[0].parent / "cpu_common.h"):
         h.update(src.read_bytes())
     h.update(f"{torch.__version__}|{platform.machine()}|{_cpu_flags()}".encode())
-    root = Path(load_server_options().cache_dir).expanduser()
-    return root / "cpu_kernels" / h.hexdigest()[:16]
+    opts = load_server_options()
+    root = Path(opts.kernel_cache or Path(opts.cache_dir) / "cpu_kernels").expanduser()
+    return root / h.hexdigest()[:16]
 
 
 def load() -> object | None:
