@@ -1,5 +1,6 @@
 """Which GEMM path is fastest here: SmolLM2's four decoder matmuls (qkv, o, gate_up, down) per
-layer, at 32 rows (a batch-32 decode step) and 1 row, through each kernel torch offers on CPU.
+layer, at 32 rows (a batch-32 decode step) and 1 row, through each kernel torch offers on CPU and
+the native engine's own (oneDNN prepacked, the C++ int8/int4 kernels).
 
     .venv/bin/python benchmarks/gemm_paths.py
 
@@ -14,7 +15,12 @@ from __future__ import annotations
 import time
 import warnings
 
+import sys
+from pathlib import Path
+
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 # [N, K]: output and input features
 SHAPES = {"qkv": (960, 576), "o": (576, 576), "gate_up": (3072, 576), "down": (576, 1536)}
@@ -51,16 +57,25 @@ def candidates(w: torch.Tensor, x: torch.Tensor) -> dict:
                                         torch.qint8)
     pk8 = torch.ops.quantized.linear_prepack(qw, None)
     pk16 = torch.ops.quantized.linear_prepack_fp16(w, None)
+    from engines.native.quant import Int4Linear, Int8Linear, OneDnnLinear
+
+    dnn32, dnn16 = OneDnnLinear(wt), OneDnnLinear(wt, torch.bfloat16)
+    lmc8, lmc4 = Int8Linear(wt), Int4Linear(wt, g)
+    xb = x.bfloat16()
     return {
-        "fp32 mm (MKL), the engine's path": lambda: x @ wt,
+        "fp32 oneDNN prepacked (the engine's default)": lambda: dnn32(x),
+        "bf16 oneDNN prepacked (dtype=bf16)": lambda: dnn16(xb),
+        "int8 LMC kernel (quantize=int8)": lambda: lmc8(x),
+        "int4 g32 LMC kernel (quantize=int4)": lambda: lmc4(x),
+        "fp32 mm (MKL), cpu_matmul=torch": lambda: x @ wt,
         "fp32 F.linear": lambda: torch.nn.functional.linear(x, w),
         "fp16 weights, FBGEMM (quantize=fp16)": lambda: torch.ops.quantized.linear_dynamic_fp16(
             x, pk16),
-        "bf16 oneDNN (quantize=bf16)": lambda: (x.bfloat16() @ wb).float(),
+        "bf16 unpacked x @ W (oneDNN via mm)": lambda: (x.bfloat16() @ wb).float(),
         "bf16 weights upcast to fp32 per call": lambda: x @ wb.float(),
-        "int8 _weight_int8pack_mm (quantize=int8)": lambda: torch.ops.aten._weight_int8pack_mm(
+        "int8 _weight_int8pack_mm (the fallback)": lambda: torch.ops.aten._weight_int8pack_mm(
             x, q8, s8),
-        "int4 g32 _weight_int4pack_mm_for_cpu (int4)":
+        "int4 g32 _weight_int4pack_mm_for_cpu (the fallback)":
             lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed4, g, sz),
         "int8 W8A8 dynamic, FBGEMM": lambda: torch.ops.quantized.linear_dynamic(x, pk8, True),
     }
@@ -79,7 +94,7 @@ def main() -> None:
             flops += 2 * m * n * k
             for name, fn in candidates(w, x).items():
                 total[name] = total.get(name, 0.0) + best_us(fn)
-        base = total["fp32 mm (MKL), the engine's path"]
+        base = total["fp32 mm (MKL), cpu_matmul=torch"]
         print(f"\n{m} rows: one layer's 4 matmuls")
         print("| path | µs | GFLOP/s | × fp32 mm |")
         print("| --- | --- | --- | --- |")

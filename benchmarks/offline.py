@@ -31,7 +31,7 @@ import torch  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from engines.options import CPU_MATMUL, QUANTIZE_METHODS  # noqa: E402
+from engines.options import ATTENTION_BACKENDS, CPU_MATMUL, QUANTIZE_METHODS  # noqa: E402
 
 # Random-weight configs for speed runs where no checkpoint is needed (e.g. on a GPU).
 RANDOM_CONFIGS = {
@@ -145,7 +145,7 @@ def main() -> int:
     ap.add_argument("--dtype", choices=sorted(_DTYPES), default="fp32")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--skip-hf", action="store_true")
-    ap.add_argument("--attention-backend", choices=["auto", "triton", "torch", "cpp"], default="auto",
+    ap.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="auto",
                     help="native engine decode attention (option.attention_backend)")
     ap.add_argument("--enforce-eager", action="store_true",
                     help="native engine without CUDA graphs (option.enforce_eager)")

@@ -375,6 +375,8 @@ class HandlerOptions:
 
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 # option.quantize of the native engine (engines/native/quant.py says what each one stores).
+# option.attention_backend of the native engine: decode attention.
+ATTENTION_BACKENDS = ("auto", "triton", "torch", "cpp")
 # option.cpu_matmul of the native engine: how unquantized CPU weights are multiplied.
 CPU_MATMUL = ("auto", "onednn", "torch")
 QUANTIZE_METHODS = ("int8", "int4", "int4_g64", "int4_g128", "bf16", "fp16", "fp8")
@@ -434,7 +436,7 @@ class NativeOptions:
     attention_backend: str = opt("option.attention_backend", "auto",
                                  "decode attention: triton (paged kernel, GPU), cpp (C++ "
                                  "kernel, CPU) or torch; auto: triton on GPU, cpp on CPU where "
-                                 "it builds", choices=("auto", "triton", "torch", "cpp"))
+                                 "it builds", choices=ATTENTION_BACKENDS)
     enforce_eager: bool = opt("option.enforce_eager", False, "true: no CUDA graphs")
     enable_lora: bool = _opt(_ENABLE_LORA)
     max_loras: int = _opt(_MAX_LORAS)

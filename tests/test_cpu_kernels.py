@@ -149,7 +149,7 @@ def test_int8_kernel_and_torch_fallback_agree(monkeypatch):
     torch.manual_seed(0)
     w, x = torch.randn(64, 128) * 0.05, torch.randn(3, 64)
     fast = quant.Int8Linear(w)
-    monkeypatch.setattr(quant, "_cpu_op", lambda device, name: None)
+    monkeypatch.setattr(cpu_kernels, "op", lambda device, name: None)
     slow = quant.Int8Linear(w)
     assert fast.kernel is not None and slow.kernel is None
     torch.testing.assert_close(fast.dequantized(), slow.dequantized(), atol=1e-7, rtol=0)
@@ -227,7 +227,7 @@ def test_int4_kernel_and_torch_fallback_agree(monkeypatch):
     torch.manual_seed(1)
     w, x = torch.randn(64, 128) * 0.05, torch.randn(3, 64)
     fast = quant.Int4Linear(w, 32)
-    monkeypatch.setattr(quant, "_cpu_op", lambda device, name: None)
+    monkeypatch.setattr(cpu_kernels, "op", lambda device, name: None)
     slow = quant.Int4Linear(w, 32)
     assert fast.kernel is not None and slow.kernel is None
     torch.testing.assert_close(fast(x), slow(x), atol=1e-4, rtol=1e-4)

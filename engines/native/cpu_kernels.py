@@ -1,20 +1,21 @@
 """The native engine's C++ CPU kernels (csrc/), built on first use with the system compiler.
 
-    decode_attention(q [B, H, D], kbuf, vbuf [B, KV, C, D], lens [B] int64, scale, window)
-        -> [B, H, D]: one query per sequence over its contiguous decode buffer (fp32 or bf16
-        in memory, fp32 arithmetic); see csrc/decode_attention.cpp.
-    int8_linear(x [M, K], q [K, N] int8, scale [N] fp32) -> [M, N]: weight-only int8 matmul
-        (option.quantize=int8), fp32 arithmetic; see csrc/int8_linear.cpp.
+    decode_attention(q [B, H, D], kbuf [B, KV, D, C], vbuf [B, KV, C, D], lens [B] int64,
+        scale, window) -> [B, H, D]: one query per sequence over its decode buffer (fp32 or
+        bf16 in memory, fp32 arithmetic); see csrc/decode_attention.cpp.
+    int8_linear(x [M, K], q [P, K, 64] int8, scale [P * 64] fp32, n) -> [M, N]: weight-only
+        int8 matmul (option.quantize=int8), fp32 arithmetic; see csrc/int8_linear.cpp.
     int4_linear(x, q [P, K, 32] uint8, scale, low [P, K/G, 64], n) -> [M, N]: group-wise 4-bit
         (option.quantize=int4*); see csrc/int4_linear.cpp.
     rms_norm(x, w, eps), add_rms_norm_(x, delta, w, eps): transformers' RMSNorm in one op (the
         second adds the residual into x first); see csrc/rms_norm.cpp.
 
-The source is compiled with -O3 -march=native through torch.utils.cpp_extension into
+The sources are compiled with -O3 -march=native through torch.utils.cpp_extension into
 $LMC_KERNEL_CACHE (default $LMC_CACHE/cpu_kernels)/<digest of the sources, torch's version and
-this CPU's flags>/, once per machine (10-20 s; later processes load the built library). Where it cannot be built (no C++
-compiler, say) `load()` logs why once and returns None, and the engine keeps its torch path:
-option.attention_backend=auto falls back, =cpp fails at startup with that reason.
+this CPU's flags>/, once per machine (10-20 s; later processes load the built library). Where
+they cannot be built (no C++ compiler, say) `load()` logs why once and returns None, and the
+engine keeps torch's ops: option.attention_backend=auto falls back, =cpp fails at startup with
+that reason.
 """
 
 from __future__ import annotations
@@ -81,11 +82,20 @@ def load() -> object | None:
         except Exception as e:  # noqa: BLE001  (a compiler's failure has no common type)
             reason = str(e).strip().splitlines()
             _state["error"] = f"{type(e).__name__}: {reason[-1] if reason else ''}"[:500]
-            log.warning("native engine: C++ CPU kernels unavailable (%s); decode attention "
-                        "stays on torch ops", _state["error"])
+            log.warning("native engine: C++ CPU kernels unavailable (%s); attention, norms "
+                        "and int8/int4 matmuls stay on torch ops", _state["error"])
             ops = None
         _state["ops"] = ops
         return ops
+
+
+def op(device: torch.device, name: str):
+    """torch.ops.lmc_cpu.<name> for tensors on `device`: None off the CPU or where the kernels
+    cannot be built."""
+    if device.type != "cpu":
+        return None
+    ops = load()
+    return None if ops is None else getattr(ops, name)
 
 
 def error() -> str | None:

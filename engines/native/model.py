@@ -21,9 +21,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from engines.native.quant import (CPU_MATMUL, OneDnnLinear, matmul, onednn_available,
-                                  onednn_serves, quantize_linear)
+from engines.native.quant import (OneDnnLinear, matmul, onednn_available, onednn_serves,
+                                  quantize_linear)
 from engines.native.spec import UnsupportedModel, read_spec
+from engines.options import CPU_MATMUL
 
 if TYPE_CHECKING:
     from engines.native.lora import StepLora
@@ -192,14 +193,15 @@ class LlamaModel:
         inv_freq, self.rope_scaling = rope_inv_freq(model_dir)
         self.inv_freq = inv_freq.to(device)
         self.scale = 1.0 / math.sqrt(s.head_dim)
-        # Set by the runner for option.attention_backend=cpp: torch.ops.lmc_cpu.decode_attention.
-        self.decode_kernel = None
-        # The C++ CPU ops (cpu_kernels.py) for the norms, where they build.
+        # The C++ CPU ops (cpu_kernels.py: norms, decode attention) where they build; they
+        # take fp32 and bf16.
         self.cpu_ops = None
         if device.type == "cpu" and dtype in (torch.float32, torch.bfloat16):
             from engines.native import cpu_kernels
 
             self.cpu_ops = cpu_kernels.load()
+        # Set by the runner for option.attention_backend=cpp: cpu_ops.decode_attention.
+        self.decode_kernel = None
         self.q_size = self.num_heads * s.head_dim
         self.kv_size = self.num_kv_heads * s.head_dim
 
@@ -378,10 +380,11 @@ class LlamaModel:
         # past L masked: at most 8 blocks of extra keys instead of a copy of all of them.
         st["full"] = self.dtype != torch.float32 and self.decode_kernel is None
         st["lens_t"] = st["last"] + 1  # [B] int64: valid positions of each row's buffer
-        mask = batch.decode_mask  # [B, 1, 1, L]
-        if st["full"]:
-            mask = F.pad(mask, (0, st["cap"] - length), value=False)  # [B, 1, 1, cap]
-        st["bias"] = _mask_bias(mask, self.dtype)  # once per step, not per layer
+        if self.decode_kernel is None:  # the kernel needs no mask
+            mask = batch.decode_mask  # [B, 1, 1, L]
+            if st["full"]:
+                mask = F.pad(mask, (0, st["cap"] - length), value=False)  # [B, 1, 1, cap]
+            st["bias"] = _mask_bias(mask, self.dtype)  # once per step, not per layer
         return st
 
     def _attention(self, q, k, v, k_cache, v_cache, batch: "StepBatch", decode: dict | None,
@@ -410,36 +413,32 @@ class LlamaModel:
                     batch.decode_slots].view(nd, length, kvh, s.head_dim)
                 vd = v_cache.view(-1, self.block_size, kvh, s.head_dim)[
                     batch.decode_slots].view(nd, length, kvh, s.head_dim)
-                kd, vd = kd.transpose(1, 2), vd.transpose(1, 2)  # [B, KV, L, D]
-                if decode is not None:
-                    kb, vb = decode["bufs"][layer]
-                    kb[..., :length].copy_(kd.transpose(-1, -2))
+                kd, vd = kd.transpose(1, 2).transpose(-1, -2), vd.transpose(1, 2)
+                # [B, KV, D, L], [B, KV, L, D]
+            if decode is not None:
+                kb, vb = decode["bufs"][layer]  # [B, KV, D, cap], [B, KV, cap, D]
+                if decode["reuse"]:
+                    kb[decode["rows"], :, :, decode["last"]] = k[:nd]  # [B, KV, D] at row ends
+                    vb[decode["rows"], :, decode["last"]] = v[:nd]
+                else:
+                    kb[..., :length].copy_(kd)
                     vb[:, :, :length].copy_(vd)
-                kd = kd.transpose(-1, -2)  # [B, KV, D, L]
-            else:
-                kb, vb = decode["bufs"][layer]
-                kb[decode["rows"], :, :, decode["last"]] = k[:nd]  # [B, KV, D] at each row's end
-                vb[decode["rows"], :, decode["last"]] = v[:nd]
-                kd, vd = kb[..., :length], vb[:, :, :length]  # [B, KV, D, L], [B, KV, L, D]
+                # 16-bit torch ops run over the whole capacity (see _decode_buffers).
+                kd, vd = (kb, vb) if decode["full"] else (kb[..., :length], vb[:, :, :length])
             if decode is not None and self.decode_kernel is not None:
                 # The C++ kernel (csrc/decode_attention.cpp) reads each row's buffer in place.
-                kb, vb = decode["bufs"][layer]
                 o = self.decode_kernel(q[:nd], kb, vb, decode["lens_t"], self.scale,
                                        s.sliding_window or 0)  # [B, H, D]
-                outs.append(o.reshape(nd, -1))
-                kd = None
-            elif decode is not None and decode["full"]:
-                kd, vd = decode["bufs"][layer]  # [B, KV, D, cap], [B, KV, cap, D]
-            # Two batched matmuls over [B, KV] with each KV head's G = H / KV query heads as
-            # the rows (query head h reads KV head h // G): on CPU ~15% faster than SDPA's flash
-            # kernel for one query per sequence, which is memory-bound on reading K and V.
-            if kd is not None:
+            else:
+                # Two batched matmuls over [B, KV] with each KV head's G = H / KV query heads
+                # as the rows (query head h reads KV head h // G): on CPU ~15% faster than
+                # SDPA's flash kernel for one query per sequence.
                 qd = q[:nd].view(nd, kvh, self.num_heads // kvh, s.head_dim)  # [B, KV, G, D]
                 scores = torch.matmul(qd, kd)  # [B, KV, G, L]
                 scores.mul_(self.scale).add_(decode["bias"] if decode is not None
                                               else _mask_bias(batch.decode_mask, scores.dtype))
                 o = torch.matmul(torch.softmax(scores, dim=-1), vd)  # [B, KV, G, D]
-                outs.append(o.reshape(nd, -1))
+            outs.append(o.reshape(nd, -1))
         for start_row, n, slots, mask in batch.prefills:
             qp = q[start_row:start_row + n].transpose(0, 1)  # [H, n, D]
             if slots is None:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import torch
 
-from engines.options import CPU_MATMUL  # noqa: F401  (model.py checks against it)
+from engines.native import cpu_kernels
 from engines.options import QUANTIZE_METHODS as METHODS
 _INT4_GROUP = {"int4": 32, "int4_g64": 64, "int4_g128": 128}
 
@@ -63,22 +63,15 @@ class Int8Linear(Linear):
     reads one byte a weight and widens it in registers; elsewhere torch's _weight_int8pack_mm
     (20-50x slower than fp32 on the CPUs measured here)."""
 
-    PANEL = 64
-
     def __init__(self, w: torch.Tensor) -> None:  # w [K, N], the model's stored layout
         wt = w.t().float()  # [N, K]
         self.in_features, self.out_features = w.shape
         scale = wt.abs().amax(dim=1).clamp(min=1e-12) / 127  # [N]
         q = torch.round(wt / scale[:, None]).clamp(-127, 127).to(torch.int8)  # [N, K]
-        self.kernel = _cpu_op(w.device, "int8_linear")
+        self.kernel = cpu_kernels.op(w.device, "int8_linear")
         if self.kernel is not None:
-            k, n, p = self.in_features, self.out_features, self.PANEL
-            panels = -(-n // p)
-            qp = torch.zeros(panels * p, k, dtype=torch.int8)
-            qp[:n] = q
-            self.q = qp.view(panels, p, k).transpose(1, 2).contiguous()  # [P, K, 64]
-            self.scale = torch.zeros(panels * p)
-            self.scale[:n] = scale  # [P * 64] fp32, zero past N
+            self.q = _panel_rows(q).transpose(1, 2).contiguous()  # [P, K, 64]
+            self.scale = _panel_rows(scale.float()).reshape(-1)  # [P * 64], zero past N
         else:
             self.q = q.contiguous()  # [N, K]
             self.scale = scale.to(w.dtype)
@@ -92,7 +85,7 @@ class Int8Linear(Linear):
         """The weight as the kernel reads it, [K, N] fp32."""
         if self.kernel is not None:
             k, n = self.in_features, self.out_features
-            w = self.q.float() * self.scale.view(-1, 1, self.PANEL)  # [P, K, 64]
+            w = self.q.float() * self.scale.view(-1, 1, PANEL)  # [P, K, 64]
             return w.transpose(0, 1).reshape(k, -1)[:, :n]
         return (self.q.float() * self.scale.float()[:, None]).t()
 
@@ -100,14 +93,15 @@ class Int8Linear(Linear):
         return self.q.numel() + self.scale.numel() * self.scale.element_size()
 
 
-def _cpu_op(device: torch.device, name: str):
-    """The native engine's C++ op `name` (cpu_kernels.py) on CPU where they build, else None."""
-    if device.type != "cpu":
-        return None
-    from engines.native import cpu_kernels
+PANEL = 64  # output channels per weight panel of the C++ kernels (csrc/cpu_common.h kPanel)
 
-    ops = cpu_kernels.load()
-    return None if ops is None else getattr(ops, name)
+
+def _panel_rows(t: torch.Tensor) -> torch.Tensor:
+    """[N, ...] padded with zero rows to a multiple of PANEL, as [P, PANEL, ...]."""
+    n, panels = t.shape[0], -(-t.shape[0] // PANEL)
+    out = t.new_zeros((panels * PANEL, *t.shape[1:]))
+    out[:n] = t
+    return out.view(panels, PANEL, *t.shape[1:])
 
 
 class Int4Linear(Linear):
@@ -115,8 +109,6 @@ class Int4Linear(Linear):
     output channel, q in 0..15 (llama.cpp's Q4_1). On CPU where the native engine's C++ kernels
     build: csrc/int4_linear.cpp over 64-channel panels; elsewhere torch's
     _weight_int4pack_mm_for_cpu (which, on the CPUs measured here, is 20-50x slower than fp32)."""
-
-    PANEL = 64
 
     def __init__(self, w: torch.Tensor, group_size: int) -> None:  # w [K, N]
         k, n = w.shape
@@ -129,21 +121,15 @@ class Int4Linear(Linear):
         scale = ((hi - lo) / 15).clamp(min=1e-12)
         q = torch.round((wg - lo[..., None]) / scale[..., None]).clamp(0, 15)
         q = q.to(torch.uint8).reshape(n, k)  # [N, K]
-        self.kernel = _cpu_op(w.device, "int4_linear")
+        self.kernel = cpu_kernels.op(w.device, "int4_linear")
         if self.kernel is not None:
-            p, panels = self.PANEL, -(-n // self.PANEL)
-            qp = torch.zeros(panels * p, k, dtype=torch.uint8)
-            qp[:n] = q
-            qp = qp.view(panels, 2, p // 2, k).permute(0, 3, 1, 2)  # [P, K, 2, 32]
+            qp = _panel_rows(q)  # [P, 64, K]
+            qp = qp.view(qp.shape[0], 2, PANEL // 2, k).permute(0, 3, 1, 2)  # [P, K, 2, 32]
             # Byte i of a row: channel i in the low nibble, channel i + 32 in the high one.
             self.packed = (qp[:, :, 0] | (qp[:, :, 1] << 4)).contiguous()  # [P, K, 32]
-
-            def panel(t: torch.Tensor) -> torch.Tensor:  # [N, K/G] -> [P, K/G, 64]
-                out = torch.zeros(panels * p, k // group_size)
-                out[:n] = t
-                return out.view(panels, p, -1).transpose(1, 2).contiguous()
-
-            self.scale, self.low = panel(scale), panel(lo)
+            # [N, K/G] -> [P, K/G, 64]
+            self.scale, self.low = (_panel_rows(t.float()).transpose(1, 2).contiguous()
+                                    for t in (scale, lo))
         else:
             self.packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(
                 q.to(torch.int32), 1)  # [N, K/2] uint8, the kernel's tiling
@@ -184,8 +170,8 @@ class OneDnnLinear(Linear):
     (torch.ops.mkldnn._reorder_linear_weight) and multiplied with oneDNN's matmul
     (_linear_pointwise), the path vLLM's CPU backend takes. torch's `x @ W` goes to MKL, which
     on the AMD CPUs measured here runs ~3x slower at 32 rows and ~1.5x slower at 1 row
-    (README, "Where the time goes"). Any M works with one packed weight; `hint` only picks the
-    blocking oneDNN tunes for.
+    (README, "Where the time goes"). Any M works with one packed weight; HINT only picks the
+    blocking oneDNN tunes for (32 was as fast as 1 at one row, and faster at 32).
 
     fp32 weights: fp32 in and out, fp32 accumulation (the results differ from MKL's only in
     summation order). bf16 weights (option.quantize=bf16, or option.dtype=bf16): the input is

@@ -29,6 +29,7 @@ from engines.native.lora import LoraSlots, StepLora, pack_groups, row_groups
 from engines.native.model import LlamaModel, StepBatch
 from engines.native.plan import PlanChunk, StepPlan
 from engines.sampler import RowState, StepOutput, sample_rows
+from engines.options import ATTENTION_BACKENDS
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +73,6 @@ class _Rows:
         self.logits_seq.append(seq_id)
 
 
-ATTENTION_BACKENDS = ("auto", "triton", "torch", "cpp")
 
 
 def check_attention_backend(name: str) -> str:
@@ -87,16 +87,6 @@ def _triton_installed() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("triton") is not None
-
-
-def _cpp_kernel(model: LlamaModel):
-    """The C++ decode-attention op for this model, or None where it does not apply."""
-    if model.device.type != "cpu" or model.dtype not in (torch.float32, torch.bfloat16):
-        return None
-    from engines.native import cpu_kernels
-
-    ops = cpu_kernels.load()
-    return None if ops is None else ops.decode_attention
 
 
 class ModelRunner:
@@ -124,22 +114,23 @@ class ModelRunner:
         self.kv_cache = model.allocate_kv_cache(num_blocks + 1, block_size)
         self.sliding_window = model.spec.sliding_window
         check_attention_backend(attention)
+        # The C++ decode attention: on CPU, fp32 or bf16, where the kernels built.
+        cpp = model.cpu_ops.decode_attention if model.cpu_ops is not None else None
         if attention == "auto":
             if self.device.type == "cuda":
                 attention = "triton" if _triton_installed() else "torch"
             else:
-                attention = "cpp" if _cpp_kernel(model) is not None else "torch"
+                attention = "cpp" if cpp is not None else "torch"
         elif attention == "triton" and not _triton_installed():
             raise ValueError("option.attention_backend=triton needs the triton package")
-        elif attention == "cpp":
-            if _cpp_kernel(model) is None:
-                from engines.native import cpu_kernels
+        elif attention == "cpp" and cpp is None:
+            from engines.native import cpu_kernels
 
-                raise ValueError("option.attention_backend=cpp needs a CPU device, fp32 or bf16 "
-                                 f"and the C++ kernels built ({model.device.type}, "
-                                 f"{model.dtype}; {cpu_kernels.error() or 'not tried'})")
+            raise ValueError("option.attention_backend=cpp needs a CPU device, fp32 or bf16 "
+                             f"and the C++ kernels built ({model.device.type}, "
+                             f"{model.dtype}; {cpu_kernels.error() or 'not tried'})")
         self.attention = attention
-        model.decode_kernel = _cpp_kernel(model) if attention == "cpp" else None
+        model.decode_kernel = cpp if attention == "cpp" else None
         if lora is not None and attention == "triton":
             # With the GPU kernels (compiled on CUDA; in Triton's interpreter on CPU, for tests)
             # each row reads its own adapter slot: one launch pair per op, any mix of adapters.

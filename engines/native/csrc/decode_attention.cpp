@@ -2,14 +2,14 @@
 //
 // One query per sequence attends to that sequence's keys and values, held contiguously per
 // (sequence, KV head) in the engine's decode buffers (keys [B, KV, D, C], values [B, KV, C, D]).
-// Each (sequence, KV head)
-// is one task on torch's intra-op thread pool: its G = H / KV query heads read every key row
-// and value row once (fp32 or bf16 in memory, fp32 arithmetic), which is what makes the step
-// memory-bound instead of bound by the per-call cost of many tiny batched matmuls.
+// Each (sequence, KV head) is one task on torch's intra-op thread pool: its G = H / KV query
+// heads read every key and value once (fp32 or bf16 in memory, fp32 arithmetic), which is what
+// makes the step memory-bound instead of bound by the per-call cost of many tiny batched
+// matmuls.
 //
 //   q      [B, H, D]      the step's decode queries (any strides, D contiguous)
 //   kbuf   [B, KV, D, C]  keys, transposed: position p of sequence b at [b, :, :, p]
-//   vbuf   [B, KV, C, D]  values, the same layout
+//   vbuf   [B, KV, C, D]  values: position p of sequence b at [b, :, p]
 //   lens   [B] int64      positions [0, lens[b]) are valid (with a sliding window W > 0 only
 //                         the last W of them)
 //   out    [B, H, D]      softmax(q k^T * scale) v, in q's dtype
