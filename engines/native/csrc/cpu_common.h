@@ -31,6 +31,28 @@ inline f16v load16(const float* p) {
 
 constexpr int64_t kPanel = 64;  // output channels per weight panel: 4 vectors
 
+// The accumulators of one 64-channel panel over R rows of x: zeroed, then for each k
+// a[r] += x[r, k] * w (w: the panel's row k widened to fp32), then stored to acc [R, 64].
+template <int R>
+struct PanelAcc {
+  f16v a[R][4] = {};
+
+  inline void fma(const float* x, int64_t K, int64_t k, f16v w0, f16v w1, f16v w2, f16v w3) {
+    for (int r = 0; r < R; ++r) {
+      const float xv = x[r * K + k];
+      a[r][0] += xv * w0;
+      a[r][1] += xv * w1;
+      a[r][2] += xv * w2;
+      a[r][3] += xv * w3;
+    }
+  }
+
+  inline void store(float* acc) const {
+    for (int r = 0; r < R; ++r)
+      for (int j = 0; j < 4; ++j) std::memcpy(acc + r * kPanel + j * 16, &a[r][j], sizeof(f16v));
+  }
+};
+
 // The driver of the weight-only matmuls: y [M, N] from x [M, K] (fp32 or bf16, rows
 // contiguous), with the weights in `panels` panels of 64 output channels. x is widened to fp32
 // once; each task is one panel, run over the rows `Rows` at a time:

@@ -52,9 +52,7 @@ inline void widen4(const uint8_t* p, f16v& c0, f16v& c1, f16v& c2, f16v& c3) {
 template <int R>
 void panel_rows(const float* x, int64_t K, int64_t G, const uint8_t* q /* [K, 32] */,
                 const float* scale, const float* low /* [K / G, 64] */, float* acc) {
-  f16v a[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) a[r][j] = f16v{};
+  lmc::PanelAcc<R> a;
   for (int64_t g0 = 0; g0 < K; g0 += G) {
     const float* s = scale + (g0 / G) * kPanel;
     const float* z = low + (g0 / G) * kPanel;
@@ -65,21 +63,10 @@ void panel_rows(const float* x, int64_t K, int64_t G, const uint8_t* q /* [K, 32
     for (int64_t k = g0; k < g0 + G; ++k) {
       f16v w0, w1, w2, w3;
       widen4(q + k * (kPanel / 2), w0, w1, w2, w3);
-      w0 = w0 * s0 + z0;
-      w1 = w1 * s1 + z1;
-      w2 = w2 * s2 + z2;
-      w3 = w3 * s3 + z3;
-      for (int r = 0; r < R; ++r) {
-        const float xv = x[r * K + k];
-        a[r][0] += xv * w0;
-        a[r][1] += xv * w1;
-        a[r][2] += xv * w2;
-        a[r][3] += xv * w3;
-      }
+      a.fma(x, K, k, w0 * s0 + z0, w1 * s1 + z1, w2 * s2 + z2, w3 * s3 + z3);
     }
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) std::memcpy(acc + r * kPanel + j * 16, &a[r][j], sizeof(f16v));
+  a.store(acc);
 }
 
 void panel(const float* x, int64_t R, int64_t K, int64_t G, const uint8_t* q, const float* s,

@@ -49,22 +49,12 @@ inline f16v widen(const int8_t* p) {
 template <int R>
 void panel_rows(const float* x, int64_t K, const int8_t* q /* [K, 64] */,
                 float* acc /* [R][64] */) {
-  f16v a[R][4];
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) a[r][j] = f16v{};
+  lmc::PanelAcc<R> a;
   for (int64_t k = 0; k < K; ++k) {
     const int8_t* w = q + k * kPanel;
-    const f16v w0 = widen(w), w1 = widen(w + 16), w2 = widen(w + 32), w3 = widen(w + 48);
-    for (int r = 0; r < R; ++r) {
-      const float xv = x[r * K + k];
-      a[r][0] += xv * w0;
-      a[r][1] += xv * w1;
-      a[r][2] += xv * w2;
-      a[r][3] += xv * w3;
-    }
+    a.fma(x, K, k, widen(w), widen(w + 16), widen(w + 32), widen(w + 48));
   }
-  for (int r = 0; r < R; ++r)
-    for (int j = 0; j < 4; ++j) std::memcpy(acc + r * kPanel + j * 16, &a[r][j], sizeof(f16v));
+  a.store(acc);
 }
 
 void panel(const float* x, int64_t R, int64_t K, const int8_t* q, float* acc) {
